@@ -1,0 +1,191 @@
+"""The Python API: mount a DeltaFS and drive a mounted one.
+
+``mount()`` starts the daemon and returns once the mount is live; ``Mount``
+talks to a running daemon over its control socket, keeping one connection
+open so that a checkpoint costs one round trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from . import errors
+from .errors import DaemonError, DeltaFSError, NotAMountError
+from .mounts import canonical, is_dead, store_of, top_mount
+from .view import CheckpointInfo, Diff
+
+DEFAULT_STORE_ROOT = "/var/lib/deltafs"
+
+
+def default_store(mountpoint: str) -> str:
+    """``/var/lib/deltafs/<name>-<hash of the absolute mount point>``: one
+    store per mount point, outside the mount, stable across remounts."""
+    mp = canonical(mountpoint)
+    tag = hashlib.sha256(mp.encode()).hexdigest()[:12]
+    name = os.path.basename(mp.rstrip("/")) or "root"
+    return os.path.join(DEFAULT_STORE_ROOT, f"{name}-{tag}")
+
+
+def mount(mountpoint: str, base: str | None = None, store: str | None = None,
+          options: Iterable[str] = (), timeout: float = 60.0) -> "Mount":
+    """Mount a DeltaFS at ``mountpoint`` with a daemon in the background.
+
+    Without ``base`` the directory's current contents become the read-only
+    base. Mounting again with the same store resumes its checkpoints and live
+    state."""
+    if "," in (store or ""):
+        raise DeltaFSError("the store path may not contain a comma (it is a mount option)")
+    store = os.path.abspath(store) if store else default_store(mountpoint)
+    log_path = os.path.join(store, "daemon.log")
+    os.makedirs(store, exist_ok=True)
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "deltafs.daemon", canonical(mountpoint), "--store", store,
+           "--ready-fd", str(w)]
+    if base:
+        cmd += ["--base", base]
+    for o in options:
+        cmd += ["-o", o]
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                pass_fds=(w,), start_new_session=True)
+    os.close(w)
+    deadline = time.monotonic() + timeout
+    msg = b""
+    with os.fdopen(r, "rb") as rf:
+        while not msg.endswith(b"\n"):
+            chunk = rf.read(1)
+            if not chunk:
+                break
+            msg += chunk
+            if time.monotonic() > deadline:
+                break
+    text = msg.decode(errors="replace").strip()
+    if text != "ok":
+        proc.wait(timeout=10)
+        if not text:
+            text = f"the daemon exited with status {proc.returncode}; see {log_path}"
+        raise _error_from_message(text)
+    return Mount(mountpoint, pid=proc.pid)
+
+
+def _error_from_message(text: str) -> DeltaFSError:
+    # The daemon reports start-up errors as text; map the common ones back.
+    for cls, marker in ((errors.StoreLockedError, "in use by"),
+                        (errors.AlreadyMountedError, "already has a DeltaFS"),
+                        (errors.BaseMissingError, "base directory"),
+                        (errors.BaseMissingError, "not a directory"),
+                        (errors.StoreCorruptError, "store")):
+        if marker in text:
+            return cls(text)
+    return DaemonError(text)
+
+
+class Mount:
+    """A live DeltaFS mount, driven through its daemon."""
+
+    def __init__(self, mountpoint: str, pid: int | None = None) -> None:
+        self.mountpoint = canonical(mountpoint)
+        self.store = store_of(self.mountpoint)
+        self.pid = pid
+        self._sock: socket.socket | None = None
+        self._buf = b""
+
+    def _call(self, op: str, **args: Any) -> Any:
+        if self._sock is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(os.path.join(self.store, "control.sock"))
+            except OSError as e:
+                s.close()
+                if is_dead(self.mountpoint):
+                    raise DaemonError(f"the DeltaFS daemon of {self.mountpoint} is dead; mount "
+                                      "again with the same store to recover") from e
+                raise DaemonError(f"cannot reach the DeltaFS daemon of {self.mountpoint}: {e}") from e
+            self._sock = s
+        self._sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        while b"\n" not in self._buf:
+            data = self._sock.recv(65536)
+            if not data:
+                self.close()
+                raise DaemonError(f"the DeltaFS daemon of {self.mountpoint} hung up")
+            self._buf += data
+        line, self._buf = self._buf.split(b"\n", 1)
+        res = json.loads(line)
+        if not res["ok"]:
+            cls = getattr(errors, res.get("kind", ""), DaemonError)
+            if not (isinstance(cls, type) and issubclass(cls, DeltaFSError)):
+                cls = DaemonError
+            raise cls(res["error"])
+        return res["result"]
+
+    def checkpoint(self, label: str = "") -> int:
+        """Freeze the current files as a new checkpoint; returns its id once
+        it is durable."""
+        return int(self._call("checkpoint", label=label)["id"])
+
+    def rollback(self, cid: int) -> dict[str, Any]:
+        """Make the mount show exactly checkpoint ``cid``; unsaved changes are
+        discarded, every checkpoint stays available."""
+        return dict(self._call("rollback", id=cid))
+
+    def list(self) -> list[CheckpointInfo]:
+        return [CheckpointInfo(**c) for c in self._call("list")]
+
+    def diff(self, a: int, b: int | None = None) -> Diff:
+        return Diff(**self._call("diff", a=a, b=b))
+
+    def drop(self, cid: int) -> None:
+        self._call("drop", id=cid)
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._call("status"))
+
+    def unmount(self, timeout: float = 30.0) -> None:
+        """Flush and unmount; returns once the mount is gone."""
+        pid = self.status()["pid"]
+        self._call("unmount")
+        self.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = top_mount(self.mountpoint)
+            gone = m is None or not m.source.endswith(self.store)
+            if gone and not _alive(pid):
+                return
+            time.sleep(0.01)
+        raise DaemonError(f"{self.mountpoint} did not unmount within {timeout} s")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self._buf = b""
+
+    def __enter__(self) -> "Mount":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def force_unmount(mountpoint: str) -> None:
+    """Lazily detach a mount whose daemon is dead or stuck."""
+    subprocess.run(["umount", "-l", canonical(mountpoint)], check=False, capture_output=True)
+
+
+__all__ = ["mount", "Mount", "default_store", "force_unmount", "NotAMountError"]

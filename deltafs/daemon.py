@@ -1,0 +1,260 @@
+"""The DeltaFS daemon: one process per mount, serving FUSE and the control
+socket on one trio loop.
+
+Start-up order matters: the base is opened before the mount covers it, the
+store is locked before the index is opened (two daemons on one store would
+corrupt each other's live layer), and the parent process is told "ready"
+only once the kernel has the mount, so that ``deltafs MOUNTPOINT`` returns
+with the filesystem usable. The control protocol is one JSON object per line
+each way over ``STORE/control.sock``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+import pyfuse3
+import trio
+
+from .base import import_base
+from .blobs import Blobs
+from .errors import (AlreadyMountedError, BaseMissingError, DeltaFSError, StoreCorruptError,
+                     StoreLockedError, UnknownCheckpointError)
+from .fuseops import Operations, invalidate
+from .index import Index
+from .mounts import FSTYPE, SOURCE_PREFIX, canonical, is_dead, top_mount
+from .view import View
+
+log = logging.getLogger("deltafs")
+
+
+class Filesystem:
+    """A store opened for one mount: the view plus the control operations."""
+
+    def __init__(self, store: str, base_fd: int, base_desc: str) -> None:
+        self.store = store
+        self.lock_fd = _lock(store)
+        self.idx = Index(os.path.join(store, "index"))
+        self.blobs = Blobs(store, base_fd)
+        self.view = View(self.idx, self.blobs)
+        if self.idx.is_new():
+            with self.idx.begin(write=True) as txn:
+                self.idx.initialise(txn)
+                txn.put(b"base", base_desc.encode(), db=self.idx.meta)
+            self.idx.load()
+            self.idx.set_live(1)  # the base's records belong to checkpoint 1
+            with self.idx.begin(write=True) as txn:
+                import_base(self.view, txn, base_fd)
+            self.idx.set_live(2)
+            self.idx.sync()
+        else:
+            self.idx.load()
+            with self.idx.begin() as txn:
+                was = bytes(txn.get(b"base", db=self.idx.meta) or b"").decode()
+            if was != base_desc:
+                raise StoreCorruptError(
+                    f"the store {store} was made from base {was}, not {base_desc}: "
+                    "mount it with the same --base, or use another --store")
+
+    async def control(self, req: dict[str, Any]) -> Any:
+        op = req.get("op")
+        view = self.view
+        if op == "checkpoint":
+            t0 = time.perf_counter()
+            cid, unsynced = view.checkpoint(str(req.get("label") or ""))
+            await trio.to_thread.run_sync(self._make_durable, unsynced)
+            return {"id": cid, "ms": (time.perf_counter() - t0) * 1e3}
+        if op == "rollback":
+            t0 = time.perf_counter()
+            changed = view.rollback(_cid(req.get("id")))
+            n = await trio.to_thread.run_sync(invalidate, changed)
+            return {"invalidated": n, "ms": (time.perf_counter() - t0) * 1e3}
+        if op == "list":
+            return [asdict(c) for c in view.checkpoints()]
+        if op == "diff":
+            b = req.get("b")
+            return asdict(view.diff(_cid(req.get("a")), None if b is None else _cid(b)))
+        if op == "drop":
+            view.drop(_cid(req.get("id")))
+            return None
+        if op == "status":
+            return {"store": self.store, "live_layer": self.idx.live, "pid": os.getpid(),
+                    "layers": len(self.idx.layers)}
+        if op == "unmount":
+            return None
+        raise DeltaFSError(f"unknown control operation {op!r}")
+
+    def _make_durable(self, unsynced: bool) -> None:
+        if unsynced:
+            self.blobs.syncfs()
+        self.idx.sync()
+
+    def close(self) -> None:
+        self.view.flush_dirty()
+        self.idx.sync()
+        self.idx.close()
+        self.blobs.close()
+        os.close(self.lock_fd)
+
+
+def _cid(v: Any) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise UnknownCheckpointError(f"{v!r} is not a checkpoint id: ids are the numbers "
+                                     "'deltafs checkpoint' printed") from None
+
+
+def _lock(store: str) -> int:
+    fd = os.open(os.path.join(store, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StoreLockedError(f"the store {store} is in use by DeltaFS daemon pid {holder}: "
+                               "unmount that mount first, or use another --store") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+async def _serve_client(fs: Filesystem, stream: trio.SocketStream, done: trio.Event) -> None:
+    buf = b""
+    async with stream:
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                try:
+                    req = json.loads(line)
+                    res = {"ok": True, "result": await fs.control(req)}
+                except DeltaFSError as e:
+                    res = {"ok": False, "kind": type(e).__name__, "error": str(e)}
+                except Exception as e:  # report, keep serving
+                    log.exception("control request failed")
+                    res = {"ok": False, "kind": "DaemonError", "error": f"{type(e).__name__}: {e}"}
+                await stream.send_all(json.dumps(res).encode() + b"\n")
+                if req.get("op") == "unmount" and res["ok"]:
+                    done.set()
+
+
+async def _run(fs: Filesystem, sock_path: str) -> None:
+    done = trio.Event()
+    try:
+        os.unlink(sock_path)
+    except FileNotFoundError:
+        pass
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await listener.bind(sock_path)
+    listener.listen(16)
+    async with trio.open_nursery() as nursery:
+
+        async def fuse_main() -> None:
+            await pyfuse3.main()
+            done.set()  # unmounted from outside (umount, fusermount3 -u)
+
+        async def accept() -> None:
+            sl = trio.SocketListener(listener)
+            while True:
+                stream = await sl.accept()
+                nursery.start_soon(_serve_client, fs, stream, done)
+
+        async def signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as it:
+                async for _ in it:
+                    done.set()
+
+        nursery.start_soon(fuse_main)
+        nursery.start_soon(accept)
+        nursery.start_soon(signals)
+        await done.wait()
+        nursery.cancel_scope.cancel()
+
+
+def serve(mountpoint: str, store: str, base: str | None, options: list[str],
+          ready_fd: int | None) -> int:
+    """Mount and serve until unmounted. Reports start-up errors on
+    ``ready_fd`` (one line, ``ok`` or the message) when given."""
+    fs = None
+    mounted = False
+    try:
+        mp = canonical(mountpoint)
+        if is_dead(mp):
+            subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
+        m = top_mount(mp)
+        if m is not None and m.fstype == FSTYPE:
+            raise AlreadyMountedError(f"{mountpoint} already has a DeltaFS mounted (store "
+                                      f"{m.source[len(SOURCE_PREFIX):]}): "
+                                      f"run 'deltafs unmount {mountpoint}' first")
+        if not os.path.isdir(mp):
+            raise BaseMissingError(f"the mount point {mountpoint} is not a directory")
+        base_path = os.path.realpath(base) if base else mp
+        try:
+            base_fd = os.open(base_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise BaseMissingError(f"the base directory {base} cannot be opened: {e.strerror}; "
+                                   "give an existing directory with --base") from e
+        st = os.fstat(base_fd)
+        os.makedirs(store, exist_ok=True)
+        fs = Filesystem(store, base_fd, f"{base_path} (dev {st.st_dev} ino {st.st_ino})")
+        opts = set(pyfuse3.default_options)
+        opts |= {f"fsname={SOURCE_PREFIX}{store}", "subtype=deltafs", "default_permissions"}
+        opts |= set(options)
+        pyfuse3.init(Operations(fs.view, store), mp, opts)
+        mounted = True
+    except (DeltaFSError, OSError, RuntimeError) as e:
+        if fs is not None:
+            fs.close()
+        msg = str(e) if isinstance(e, DeltaFSError) else f"cannot mount {mountpoint}: {e}"
+        if ready_fd is not None:
+            os.write(ready_fd, msg.encode() + b"\n")
+            os.close(ready_fd)
+        else:
+            print(f"deltafs: {msg}", file=sys.stderr)
+        return 1
+    if ready_fd is not None:
+        os.write(ready_fd, b"ok\n")
+        os.close(ready_fd)
+    try:
+        trio.run(_run, fs, os.path.join(store, "control.sock"))
+    finally:
+        if mounted:
+            pyfuse3.close(unmount=True)
+        fs.close()
+        try:
+            os.unlink(os.path.join(store, "control.sock"))
+        except FileNotFoundError:
+            pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="deltafs-daemon")
+    p.add_argument("mountpoint")
+    p.add_argument("--store", required=True)
+    p.add_argument("--base")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("--ready-fd", type=int)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s deltafs[%(process)d] %(message)s")
+    opts = [o for group in a.options for o in group.split(",") if o]
+    return serve(a.mountpoint, a.store, a.base, opts, a.ready_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,663 @@
+"""The live view: POSIX filesystem semantics over the versioned index.
+
+The view is inode-centric, like a local filesystem and unlike overlayfs: a
+directory entry maps ``(parent ino, name)`` to an inode number, and an inode
+record carries the attributes and where the content is (a blob, a base file,
+or nothing for an empty file). So a directory rename is one entry removed and
+one added, whatever the directory holds; hard links are two entries naming
+one inode, and copy-up replaces the inode's content in place, so ``nlink``
+and inode numbers survive it. Inode numbers are never reused.
+
+Every mutation is one LMDB write transaction into the live layer. The only
+state kept outside the index is what a write() changes at high rate: the size
+and mtime of files being written (``dirty``), persisted on flush, fsync,
+release and before a checkpoint; and the open content per inode (``files``),
+shared by every handle of that inode so that a copy-up is seen by all.
+
+A rollback bumps ``epoch``: an open content descriptor from before it is
+re-resolved on its next use, so a handle held across a rollback reads the
+rolled-back content, or fails with ESTALE when its file does not exist there.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .blobs import Blobs
+from .errors import FSError, UnknownCheckpointError
+from .index import ENT, INO, XAT, Index
+from .records import F_BASE, F_OWNED, L_DROPPED, L_FROZEN, NO_BLOB, Inode, Layer, from_u64, u64
+
+ROOT = 1
+
+
+@dataclass(slots=True)
+class OpenData:
+    """The content of one inode as its open handles see it."""
+
+    ino: int
+    fd: int  # -1: the file has no content yet (empty, never written)
+    owner: int  # the live layer id if fd is a blob that layer may write, else 0
+    epoch: int
+    refs: int = 0
+    orphan: bool = False  # unlinked while open: lives only in ``fd``
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    id: int
+    parent: int | None
+    label: str
+    created_ns: int
+    current: bool  # the live state descends directly from this checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Diff:
+    added: list[str]
+    modified: list[str]
+    deleted: list[str]
+
+
+def _entry_key(parent: int, name: bytes) -> bytes:
+    return u64(parent) + name + b"\0"
+
+
+class View:
+    def __init__(self, index: Index, blobs: Blobs) -> None:
+        self.idx = index
+        self.blobs = blobs
+        self.dirty: dict[int, Inode] = {}
+        self.files: dict[int, OpenData] = {}
+        self.orphans: dict[int, Inode] = {}  # unlinked while open: fstat still works
+        self.epoch = 0
+        self.unsynced = False  # a blob was written since the last checkpoint
+
+    # -- reading ---------------------------------------------------------------
+
+    def inode(self, txn: Any, ino: int) -> Inode | None:
+        d = self.dirty.get(ino)
+        if d is not None:
+            return d
+        r = self.idx.visible(txn, INO, u64(ino))
+        if r is None or not r[1]:
+            return self.orphans.get(ino)
+        return Inode.decode(ino, r[0], r[1])
+
+    def must(self, txn: Any, ino: int) -> Inode:
+        rec = self.inode(txn, ino)
+        if rec is None:
+            raise FSError(errno.ESTALE)
+        return rec
+
+    def entry(self, txn: Any, parent: int, name: bytes) -> int:
+        """The inode ``name`` names in ``parent``, 0 if none."""
+        r = self.idx.visible(txn, ENT, _entry_key(parent, name))
+        if r is None or not r[1]:
+            return 0
+        return from_u64(r[1])
+
+    def getattr(self, ino: int) -> Inode:
+        with self.idx.begin() as txn:
+            return self.must(txn, ino)
+
+    def lookup(self, parent: int, name: bytes) -> Inode | None:
+        with self.idx.begin() as txn:
+            p = self.must(txn, parent)
+            if not stat.S_ISDIR(p.mode):
+                raise FSError(errno.ENOTDIR)
+            if name == b".":
+                return p
+            if name == b"..":
+                return self.must(txn, p.parent or ROOT)
+            ino = self.entry(txn, parent, name)
+            return self.inode(txn, ino) if ino else None
+
+    def _entries(self, txn: Any, parent: int, anc: set[int] | None = None) -> Iterator[tuple[bytes, int]]:
+        for rest, _lid, val in self.idx.scan_visible(txn, ENT, u64(parent), anc):
+            if val:
+                yield rest[:-1], from_u64(val)
+
+    def readdir(self, ino: int) -> list[tuple[bytes, Inode]]:
+        with self.idx.begin() as txn:
+            d = self.must(txn, ino)
+            if not stat.S_ISDIR(d.mode):
+                raise FSError(errno.ENOTDIR)
+            out = []
+            for name, child in self._entries(txn, ino):
+                rec = self.inode(txn, child)
+                if rec is not None:
+                    out.append((name, rec))
+            return out
+
+    def readlink(self, ino: int) -> bytes:
+        rec = self.getattr(ino)
+        if not stat.S_ISLNK(rec.mode):
+            raise FSError(errno.EINVAL)
+        return rec.tail
+
+    # -- namespace changes -----------------------------------------------------
+
+    def _put_inode(self, txn: Any, rec: Inode) -> None:
+        self.dirty.pop(rec.ino, None)
+        rec.layer = self.idx.live
+        self.idx.put(txn, INO, u64(rec.ino), rec.encode())
+
+    def _drop_inode(self, txn: Any, rec: Inode) -> None:
+        self.dirty.pop(rec.ino, None)
+        self.idx.remove(txn, INO, u64(rec.ino))
+        od = self.files.get(rec.ino)
+        if od is not None:
+            od.orphan = True
+            rec.nlink = 0
+            self.orphans[rec.ino] = rec
+        if rec.flags & F_OWNED and rec.layer == self.idx.live and rec.blob != NO_BLOB:
+            # Created in the live layer, so no checkpoint can refer to it;
+            # an open descriptor keeps the data alive until it is closed.
+            self.blobs.delete([rec.blob])
+
+    def _dir(self, txn: Any, ino: int) -> Inode:
+        d = self.must(txn, ino).copy()
+        if not stat.S_ISDIR(d.mode):
+            raise FSError(errno.ENOTDIR)
+        return d
+
+    def make(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
+             rdev: int = 0, target: bytes = b"") -> Inode:
+        """Create a file, directory, symlink or special file."""
+        if len(name) > 255:
+            raise FSError(errno.ENAMETOOLONG)
+        with self.idx.begin(write=True) as txn:
+            p = self._dir(txn, parent)
+            if self.entry(txn, parent, name):
+                raise FSError(errno.EEXIST)
+            now = time.time_ns()
+            is_dir = stat.S_ISDIR(mode)
+            if p.mode & stat.S_ISGID:
+                gid = p.gid
+                if is_dir:
+                    mode |= stat.S_ISGID
+            ino = self.idx.next_id(txn, b"next_ino")
+            rec = Inode(ino, mode, uid, gid, 2 if is_dir else 1, rdev, len(target),
+                        now, now, now, NO_BLOB, 0, parent if is_dir else 0, target)
+            self._put_inode(txn, rec)
+            self.idx.put(txn, ENT, _entry_key(parent, name), u64(ino))
+            p.mtime_ns = p.ctime_ns = now
+            if is_dir:
+                p.nlink += 1
+            self._put_inode(txn, p)
+            return rec
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        with self.idx.begin(write=True) as txn:
+            rec = self.must(txn, ino).copy()
+            if stat.S_ISDIR(rec.mode):
+                raise FSError(errno.EPERM)
+            p = self._dir(txn, parent)
+            if self.entry(txn, parent, name):
+                raise FSError(errno.EEXIST)
+            now = time.time_ns()
+            rec.nlink += 1
+            rec.ctime_ns = now
+            self._put_inode(txn, rec)
+            self.idx.put(txn, ENT, _entry_key(parent, name), u64(ino))
+            p.mtime_ns = p.ctime_ns = now
+            self._put_inode(txn, p)
+            return rec
+
+    def _is_empty(self, txn: Any, ino: int) -> bool:
+        for _ in self._entries(txn, ino):
+            return False
+        return True
+
+    def unlink(self, parent: int, name: bytes, want_dir: bool) -> None:
+        with self.idx.begin(write=True) as txn:
+            p = self._dir(txn, parent)
+            ino = self.entry(txn, parent, name)
+            if not ino:
+                raise FSError(errno.ENOENT)
+            rec = self.must(txn, ino).copy()
+            is_dir = stat.S_ISDIR(rec.mode)
+            if want_dir and not is_dir:
+                raise FSError(errno.ENOTDIR)
+            if not want_dir and is_dir:
+                raise FSError(errno.EISDIR)
+            if is_dir and not self._is_empty(txn, ino):
+                raise FSError(errno.ENOTEMPTY)
+            now = time.time_ns()
+            self.idx.remove(txn, ENT, _entry_key(parent, name))
+            self._unref(txn, rec, now)
+            p.mtime_ns = p.ctime_ns = now
+            if is_dir:
+                p.nlink -= 1
+            self._put_inode(txn, p)
+
+    def _unref(self, txn: Any, rec: Inode, now: int) -> None:
+        """One name of ``rec`` is gone: drop the inode with its last name."""
+        if stat.S_ISDIR(rec.mode) or rec.nlink <= 1:
+            self._drop_inode(txn, rec)
+        else:
+            rec.nlink -= 1
+            rec.ctime_ns = now
+            self._put_inode(txn, rec)
+
+    def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int) -> None:
+        noreplace, exchange = flags & 1, flags & 2
+        if len(n2) > 255:
+            raise FSError(errno.ENAMETOOLONG)
+        with self.idx.begin(write=True) as txn:
+            recs: dict[int, Inode] = {}
+
+            def get(ino: int) -> Inode:
+                if ino not in recs:
+                    recs[ino] = self.must(txn, ino).copy()
+                return recs[ino]
+
+            d1, d2 = get(p1), get(p2)
+            if not (stat.S_ISDIR(d1.mode) and stat.S_ISDIR(d2.mode)):
+                raise FSError(errno.ENOTDIR)
+            src = self.entry(txn, p1, n1)
+            if not src:
+                raise FSError(errno.ENOENT)
+            dst = self.entry(txn, p2, n2)
+            if dst and noreplace:
+                raise FSError(errno.EEXIST)
+            if exchange and not dst:
+                raise FSError(errno.ENOENT)
+            s = get(src)
+            s_dir = stat.S_ISDIR(s.mode)
+            now = time.time_ns()
+            gone: Inode | None = None
+            if exchange:
+                t = get(dst)
+                self.idx.put(txn, ENT, _entry_key(p1, n1), u64(dst))
+                self.idx.put(txn, ENT, _entry_key(p2, n2), u64(src))
+                if p1 != p2:
+                    for moved, frm, to in ((s, d1, d2), (t, d2, d1)):
+                        if stat.S_ISDIR(moved.mode):
+                            moved.parent = to.ino
+                            frm.nlink -= 1
+                            to.nlink += 1
+                t.ctime_ns = now
+            else:
+                if dst == src:
+                    return  # two names of one inode: POSIX says do nothing
+                if dst:
+                    t = get(dst)
+                    t_dir = stat.S_ISDIR(t.mode)
+                    if s_dir and not t_dir:
+                        raise FSError(errno.ENOTDIR)
+                    if t_dir and not s_dir:
+                        raise FSError(errno.EISDIR)
+                    if t_dir and not self._is_empty(txn, dst):
+                        raise FSError(errno.ENOTEMPTY)
+                    gone = t
+                    if t_dir:
+                        d2.nlink -= 1
+                self.idx.put(txn, ENT, _entry_key(p2, n2), u64(src))
+                self.idx.remove(txn, ENT, _entry_key(p1, n1))
+                if s_dir and p1 != p2:
+                    s.parent = p2
+                    d1.nlink -= 1
+                    d2.nlink += 1
+            s.ctime_ns = now
+            for d in (d1, d2):
+                d.mtime_ns = d.ctime_ns = now
+            for rec in recs.values():
+                if rec is not gone:
+                    self._put_inode(txn, rec)
+            if gone is not None:
+                self._unref(txn, gone, now)
+
+    # -- attributes ------------------------------------------------------------
+
+    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None, ctime_ns: int | None = None) -> Inode:
+        if size is not None:
+            self.truncate(ino, size)
+        with self.idx.begin(write=True) as txn:
+            rec = self.must(txn, ino).copy()
+            if mode is not None:
+                rec.mode = stat.S_IFMT(rec.mode) | stat.S_IMODE(mode)
+            if uid is not None:
+                rec.uid = uid
+            if gid is not None:
+                rec.gid = gid
+            if atime_ns is not None:
+                rec.atime_ns = atime_ns
+            if mtime_ns is not None:
+                rec.mtime_ns = mtime_ns
+            rec.ctime_ns = ctime_ns if ctime_ns is not None else time.time_ns()
+            self._put_inode(txn, rec)
+            return rec
+
+    def truncate(self, ino: int, size: int) -> None:
+        rec = self.getattr(ino)
+        if stat.S_ISDIR(rec.mode):
+            raise FSError(errno.EISDIR)
+        if not stat.S_ISREG(rec.mode):
+            raise FSError(errno.EINVAL)
+        od = self.acquire(ino)
+        try:
+            self._writable(od, min(size, rec.size))
+            os.ftruncate(od.fd, size)
+            self.unsynced = True
+            d = self._dirty(ino)
+            d.size = size
+            d.mtime_ns = d.ctime_ns = time.time_ns()
+            self.flush_dirty(ino)
+        finally:
+            self.release(od)
+
+    # -- xattrs ----------------------------------------------------------------
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        with self.idx.begin() as txn:
+            self.must(txn, ino)
+            r = self.idx.visible(txn, XAT, u64(ino) + name + b"\0")
+            if r is None or not r[1]:
+                raise FSError(errno.ENODATA)
+            return bytes(r[1][1:])
+
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        with self.idx.begin(write=True) as txn:
+            rec = self.must(txn, ino).copy()
+            self.idx.put(txn, XAT, u64(ino) + name + b"\0", b"\1" + value)
+            rec.ctime_ns = time.time_ns()
+            self._put_inode(txn, rec)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        with self.idx.begin() as txn:
+            self.must(txn, ino)
+            return [rest[:-1] for rest, _l, v in self.idx.scan_visible(txn, XAT, u64(ino)) if v]
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        with self.idx.begin(write=True) as txn:
+            rec = self.must(txn, ino).copy()
+            key = u64(ino) + name + b"\0"
+            r = self.idx.visible(txn, XAT, key)
+            if r is None or not r[1]:
+                raise FSError(errno.ENODATA)
+            self.idx.remove(txn, XAT, key)
+            rec.ctime_ns = time.time_ns()
+            self._put_inode(txn, rec)
+
+    # -- content ---------------------------------------------------------------
+
+    def _source(self, rec: Inode) -> tuple[int, int]:
+        """Open ``rec``'s content: (fd, owner)."""
+        live = self.idx.live
+        if rec.flags & F_BASE:
+            return self.blobs.open_base(rec.tail), 0
+        if rec.blob == NO_BLOB:
+            return -1, 0
+        owned = bool(rec.flags & F_OWNED) and rec.layer == live
+        fd = self.blobs.open(rec.blob, write=owned)
+        if owned and os.fstat(fd).st_size != rec.size:
+            # After a crash the blob may hold writes whose size never reached
+            # the index: the index is the truth, as for a local filesystem.
+            os.ftruncate(fd, rec.size)
+        return fd, live if owned else 0
+
+    def acquire(self, ino: int) -> OpenData:
+        od = self.files.get(ino)
+        if od is not None:
+            self._fresh(od)
+        else:
+            rec = self.getattr(ino)
+            if stat.S_ISDIR(rec.mode):
+                raise FSError(errno.EISDIR)
+            fd, owner = self._source(rec)
+            od = OpenData(ino, fd, owner, self.epoch)
+            self.files[ino] = od
+        od.refs += 1
+        return od
+
+    def release(self, od: OpenData) -> None:
+        od.refs -= 1
+        if od.refs <= 0:
+            if not od.orphan:
+                self.flush_dirty(od.ino)
+            if od.fd >= 0:
+                os.close(od.fd)
+            if self.files.get(od.ino) is od:
+                del self.files[od.ino]
+                self.orphans.pop(od.ino, None)
+
+    def _fresh(self, od: OpenData) -> None:
+        """Re-resolve content opened before a rollback."""
+        if od.epoch == self.epoch:
+            return
+        rec = self.getattr(od.ino)  # ESTALE if it does not exist in this state
+        fd, owner = self._source(rec)
+        if od.fd >= 0:
+            os.close(od.fd)
+        od.fd, od.owner, od.epoch, od.orphan = fd, owner, self.epoch, False
+
+    def read(self, od: OpenData, off: int, size: int) -> bytes:
+        self._fresh(od)
+        if od.fd < 0:
+            return b""
+        return os.pread(od.fd, size, off)
+
+    def _dirty(self, ino: int) -> Inode:
+        d = self.dirty.get(ino)
+        if d is None:
+            d = self.getattr(ino).copy()
+            self.dirty[ino] = d
+        return d
+
+    def write(self, od: OpenData, off: int, buf: bytes) -> int:
+        self._fresh(od)
+        if od.owner != self.idx.live:
+            self._writable(od, None)
+        n = os.pwrite(od.fd, buf, off)
+        self.unsynced = True
+        d = self.orphans.get(od.ino) if od.orphan else self._dirty(od.ino)
+        if d is not None:
+            if off + n > d.size:
+                d.size = off + n
+            d.mtime_ns = d.ctime_ns = time.time_ns()
+        return n
+
+    def _writable(self, od: OpenData, keep: int | None) -> None:
+        """Copy-up: give ``od`` a blob of the live layer holding the first
+        ``keep`` bytes of its content (all of it when None)."""
+        if od.owner == self.idx.live:
+            return
+        with self.idx.begin(write=True) as txn:
+            rec = None if od.orphan else self.must(txn, od.ino).copy()
+            size = rec.size if rec is not None else (os.fstat(od.fd).st_size if od.fd >= 0 else 0)
+            if keep is not None:
+                size = min(size, keep)
+            blob = self.idx.next_id(txn, b"next_blob")
+            fd = self.blobs.create(blob, od.fd if od.fd >= 0 else None, size)
+            if rec is not None:
+                rec.blob, rec.flags, rec.tail = blob, F_OWNED, b""
+                self._put_inode(txn, rec)
+                self.idx.own_blob(txn, blob)
+            else:
+                self.blobs.delete([blob])
+        if od.fd >= 0:
+            os.close(od.fd)
+        od.fd, od.owner = fd, self.idx.live
+
+    def flush_dirty(self, ino: int | None = None) -> None:
+        inos = list(self.dirty) if ino is None else [ino] if ino in self.dirty else []
+        if not inos:
+            return
+        with self.idx.begin(write=True) as txn:
+            for i in inos:
+                self._put_inode(txn, self.dirty[i])
+
+    # -- checkpoints -----------------------------------------------------------
+
+    def checkpoint(self, label: str) -> tuple[int, bool]:
+        """Freeze the live layer and push an empty one. Returns the new
+        checkpoint's id and whether blobs need syncing for durability; the
+        caller makes it durable (``Index.sync``) before telling anyone."""
+        self.flush_dirty()
+        idx = self.idx
+        with idx.begin(write=True) as txn:
+            old = idx.layers[idx.live]
+            old.flags |= L_FROZEN
+            old.label = label
+            old.created_ns = time.time_ns()
+            new = Layer(idx.next_id(txn, b"next_layer"), old.id, 0, old.created_ns)
+            idx.put_layer(txn, old)
+            idx.put_layer(txn, new)
+            txn.put(b"live", u64(new.id), db=idx.meta)
+        idx.layers[new.id] = new
+        old.children.add(new.id)
+        idx.live = new.id
+        idx.anc.add(new.id)
+        unsynced, self.unsynced = self.unsynced, False
+        return old.id, unsynced
+
+    def checkpoint_layer(self, cid: int) -> Layer:
+        lay = self.idx.layers.get(cid)
+        if lay is None or not lay.frozen or lay.dropped:
+            raise UnknownCheckpointError(
+                f"no checkpoint {cid}: run 'deltafs list MOUNTPOINT' to see the checkpoints")
+        return lay
+
+    def rollback(self, cid: int) -> list[tuple[bytes, bytes]]:
+        """Make the live state an empty layer on top of checkpoint ``cid``.
+        Returns what differs between the old and the new view, as
+        ``(table, prefix)``, for the kernel's caches."""
+        self.checkpoint_layer(cid)
+        idx = self.idx
+        old = idx.layers[idx.live]
+        old_chain, new_chain = set(idx.chain(old.id)), set(idx.chain(cid))
+        changed: set[tuple[bytes, bytes]] = set()
+        with idx.begin(write=True) as txn:
+            for lid in old_chain ^ new_chain:
+                changed.update(c for c in idx.changes(txn, lid) if c[0] != b"b")
+            blobs = idx.delete_layer_keys(txn, old.id)
+            new = Layer(idx.next_id(txn, b"next_layer"), cid, 0, time.time_ns())
+            idx.put_layer(txn, new)
+            txn.put(b"live", u64(new.id), db=idx.meta)
+        del idx.layers[old.id]
+        idx.layers[old.parent].children.discard(old.id)
+        idx.layers[new.id] = new
+        idx.layers[cid].children.add(new.id)
+        idx.set_live(new.id)
+        self.dirty.clear()
+        self.orphans.clear()
+        self.epoch += 1
+        for od in self.files.values():
+            od.owner = 0
+        self.blobs.delete(blobs)
+        return sorted(changed)
+
+    def drop(self, cid: int) -> None:
+        lay = self.checkpoint_layer(cid)
+        lay.flags |= L_DROPPED
+        with self.idx.begin(write=True) as txn:
+            self.idx.put_layer(txn, lay)
+        self.collect()
+
+    def collect(self) -> None:
+        """Free dropped layers: delete a leaf, merge one with a single child
+        into that child; a layer with several children stays until they go."""
+        idx = self.idx
+        progress = True
+        while progress:
+            progress = False
+            for lay in [x for x in idx.layers.values() if x.dropped]:
+                if len(lay.children) > 1:
+                    continue
+                with idx.begin(write=True) as txn:
+                    if not lay.children:
+                        blobs = idx.delete_layer_keys(txn, lay.id)
+                    else:
+                        (cid,) = lay.children
+                        child = idx.layers[cid]
+                        idx.merge_layer_into(txn, lay.id, cid)
+                        child.parent = lay.parent
+                        idx.put_layer(txn, child)
+                        blobs = []
+                        if lay.parent:
+                            idx.layers[lay.parent].children.add(cid)
+                if lay.parent:
+                    idx.layers[lay.parent].children.discard(lay.id)
+                del idx.layers[lay.id]
+                self.blobs.delete(blobs)
+                progress = True
+        idx.set_live(idx.live)
+
+    def _shown_parent(self, lid: int) -> int | None:
+        p = self.idx.layers[lid].parent
+        while p and self.idx.layers[p].dropped:
+            p = self.idx.layers[p].parent
+        return p or None
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        current = self._shown_parent(self.idx.live)
+        return [CheckpointInfo(lay.id, self._shown_parent(lay.id), lay.label, lay.created_ns,
+                               lay.id == current)
+                for lay in sorted(self.idx.layers.values(), key=lambda x: x.id)
+                if lay.frozen and not lay.dropped]
+
+    def diff(self, a: int, b: int | None) -> Diff:
+        self.checkpoint_layer(a)
+        if b is not None:
+            self.checkpoint_layer(b)
+        self.flush_dirty()
+        idx = self.idx
+        va = set(idx.chain(a))
+        vb = set(idx.chain(b if b is not None else idx.live))
+        added: list[str] = []
+        modified: list[str] = []
+        deleted: list[str] = []
+
+        def inode(txn: Any, ino: int, anc: set[int]) -> tuple[int, Inode] | None:
+            r = idx.visible(txn, INO, u64(ino), anc, max(anc))
+            return (r[0], Inode.decode(ino, r[0], r[1])) if r and r[1] else None
+
+        def walk_all(txn: Any, ino: int, anc: set[int], path: str, out: list[str]) -> None:
+            for name, child in self._entries(txn, ino, anc):
+                p = path + "/" + name.decode(errors="surrogateescape")
+                out.append(p)
+                got = inode(txn, child, anc)
+                if got and stat.S_ISDIR(got[1].mode):
+                    walk_all(txn, child, anc, p, out)
+
+        def walk(txn: Any, ia: int, ib: int, path: str) -> None:
+            ea = dict(self._entries(txn, ia, va))
+            eb = dict(self._entries(txn, ib, vb))
+            for name in sorted(ea.keys() | eb.keys()):
+                p = path + "/" + name.decode(errors="surrogateescape")
+                xa, xb = ea.get(name), eb.get(name)
+                ra = inode(txn, xa, va) if xa else None
+                rb = inode(txn, xb, vb) if xb else None
+                if ra is None and rb is None:
+                    continue
+                if ra is None:
+                    assert rb is not None and xb is not None
+                    added.append(p)
+                    if stat.S_ISDIR(rb[1].mode):
+                        walk_all(txn, xb, vb, p, added)
+                elif rb is None:
+                    assert xa is not None
+                    deleted.append(p)
+                    if stat.S_ISDIR(ra[1].mode):
+                        walk_all(txn, xa, va, p, deleted)
+                else:
+                    assert xa is not None and xb is not None
+                    da, db_ = stat.S_ISDIR(ra[1].mode), stat.S_ISDIR(rb[1].mode)
+                    if da and db_:
+                        walk(txn, xa, xb, p)
+                    elif xa != xb or ra[0] != rb[0]:
+                        modified.append(p)
+
+        with idx.begin() as txn:
+            walk(txn, ROOT, ROOT, "")
+        return Diff(sorted(added), sorted(modified), sorted(deleted))

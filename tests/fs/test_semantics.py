@@ -1,0 +1,228 @@
+"""POSIX behaviour a build or test workload relies on, on a real mount."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from .conftest import Env
+
+_libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD = -100
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def renameat2(a: Path, b: Path, flags: int) -> None:
+    if _libc.renameat2(AT_FDCWD, bytes(a), AT_FDCWD, bytes(b), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def blob_count(e: Env) -> int:
+    return len(os.listdir(e.store / "blobs"))
+
+
+def test_base_is_visible_and_reads_do_not_copy_up(env: Env) -> None:
+    m = env.mnt
+    assert (m / "README").read_text() == "base readme\n"
+    assert (m / "src/pkg/data.bin").read_bytes() == (env.base / "src/pkg/data.bin").read_bytes()
+    assert os.readlink(m / "mod-link") == "src/pkg/mod.py"
+    assert (m / "mod-link").read_text() == "X = 1\n"
+    assert (m / "empty").read_bytes() == b""
+    with open(m / "README", "r+b") as f:  # opened for write, not written
+        assert f.read() == b"base readme\n"
+    assert blob_count(env) == 0
+    (m / "README").write_text("new\n")
+    assert blob_count(env) == 1
+    assert (env.base / "README").read_text() == "base readme\n", "the base is never written"
+
+
+def test_files_write_truncate_append(env: Env) -> None:
+    p = env.mnt / "f"
+    p.write_bytes(b"hello world")
+    with open(p, "ab") as f:
+        f.write(b"!!")
+    assert p.read_bytes() == b"hello world!!"
+    os.truncate(p, 5)
+    assert p.read_bytes() == b"hello"
+    os.truncate(p, 8)
+    assert p.read_bytes() == b"hello\0\0\0"
+    with open(p, "r+b") as f:
+        f.seek(100000)
+        f.write(b"x")
+    assert p.stat().st_size == 100001
+    p.write_bytes(b"short")  # O_TRUNC
+    assert p.read_bytes() == b"short"
+    big = os.urandom(3 << 20)
+    (env.mnt / "big").write_bytes(big)
+    assert (env.mnt / "big").read_bytes() == big
+
+
+def test_umask_modes_and_setattr(env: Env) -> None:
+    old = os.umask(0o022)
+    try:
+        (env.mnt / "f").write_text("x")
+        os.mkdir(env.mnt / "d", 0o777)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((env.mnt / "f").stat().st_mode) == 0o644
+    assert stat.S_IMODE((env.mnt / "d").stat().st_mode) == 0o755
+    os.chmod(env.mnt / "f", 0o600)
+    os.chown(env.mnt / "f", 1234, 5678)
+    os.utime(env.mnt / "f", ns=(1_000_000_000, 2_000_000_000))
+    st = (env.mnt / "f").stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, 1234, 5678)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_000, 2_000_000_000)
+    os.chmod(env.mnt / "README", 0o400)  # metadata change of a base file
+    assert stat.S_IMODE((env.mnt / "README").stat().st_mode) == 0o400
+    assert (env.mnt / "README").read_text() == "base readme\n"
+
+
+def test_directories_and_nlink(env: Env) -> None:
+    m = env.mnt
+    n0 = os.stat(m).st_nlink
+    os.mkdir(m / "a")
+    os.mkdir(m / "a/b")
+    assert os.stat(m).st_nlink == n0 + 1
+    assert os.stat(m / "a").st_nlink == 3
+    with pytest.raises(OSError) as ei:
+        os.rmdir(m / "a")
+    assert ei.value.errno == errno.ENOTEMPTY
+    with pytest.raises(FileExistsError):
+        os.mkdir(m / "a")
+    os.rmdir(m / "a/b")
+    os.rmdir(m / "a")
+    assert os.stat(m).st_nlink == n0
+    with pytest.raises(IsADirectoryError):
+        os.unlink(m / "src")
+    with pytest.raises(NotADirectoryError):
+        os.rmdir(m / "README")
+
+
+def test_rename_directory_from_base_with_contents(env: Env) -> None:
+    m = env.mnt
+    ino = (m / "src/pkg/mod.py").stat().st_ino
+    os.mkdir(m / "lib")
+    os.rename(m / "src", m / "lib/src2")
+    assert not (m / "src").exists()
+    assert (m / "lib/src2/pkg/mod.py").read_text() == "X = 1\n"
+    assert (m / "lib/src2/pkg/mod.py").stat().st_ino == ino
+    assert sorted(os.listdir(m / "lib/src2/pkg")) == ["data.bin", "mod.py"]
+    assert os.stat(m / "lib").st_nlink == 3
+    (m / "lib/src2/pkg/mod.py").write_text("X = 2\n")
+    os.rename(m / "lib/src2", m / "src")
+    assert (m / "src/pkg/mod.py").read_text() == "X = 2\n"
+
+
+def test_rename_files_and_flags(env: Env) -> None:
+    m = env.mnt
+    (m / "a").write_text("A")
+    (m / "b").write_text("B")
+    with pytest.raises(FileExistsError):
+        renameat2(m / "a", m / "b", RENAME_NOREPLACE)
+    renameat2(m / "a", m / "b", RENAME_EXCHANGE)
+    assert ((m / "a").read_text(), (m / "b").read_text()) == ("B", "A")
+    os.rename(m / "a", m / "b")  # replace
+    assert not (m / "a").exists() and (m / "b").read_text() == "B"
+    os.mkdir(m / "d1")
+    os.mkdir(m / "d2")
+    (m / "d2/x").write_text("x")
+    with pytest.raises(OSError) as ei:
+        os.rename(m / "d1", m / "d2")
+    assert ei.value.errno in (errno.ENOTEMPTY, errno.EEXIST)
+    os.rename(m / "d2", m / "d1")  # onto an empty directory
+    assert (m / "d1/x").read_text() == "x" and not (m / "d2").exists()
+    with pytest.raises(IsADirectoryError):
+        os.rename(m / "b", m / "d1")
+    with pytest.raises(NotADirectoryError):
+        os.rename(m / "d1", m / "b")
+
+
+def test_hard_links_across_copy_up(env: Env) -> None:
+    m = env.mnt
+    a, b = m / "README", m / "README.link"
+    assert a.stat().st_nlink == 2 and a.stat().st_ino == b.stat().st_ino
+    with open(b, "a") as f:
+        f.write("more\n")
+    assert a.read_text() == "base readme\nmore\n"
+    assert a.stat().st_ino == b.stat().st_ino and a.stat().st_nlink == 2
+    env.m.checkpoint()
+    os.link(a, m / "third")
+    assert b.stat().st_nlink == 3
+    (m / "third").write_text("all\n")
+    assert a.read_text() == b.read_text() == "all\n"
+    os.unlink(a)
+    assert b.stat().st_nlink == 2
+    with pytest.raises(PermissionError):
+        os.link(m / "src", m / "dirlink")
+
+
+def test_symlink_fifo_xattr_statfs(env: Env) -> None:
+    m = env.mnt
+    os.symlink("../target", m / "ln")
+    assert os.readlink(m / "ln") == "../target"
+    assert stat.S_ISLNK(os.lstat(m / "ln").st_mode)
+    os.mkfifo(m / "fifo")
+    assert stat.S_ISFIFO(os.stat(m / "fifo").st_mode)
+    os.setxattr(m / "README", "user.k", b"v1")
+    os.setxattr(m / "README", "user.j", b"")
+    assert os.getxattr(m / "README", "user.k") == b"v1"
+    assert sorted(os.listxattr(m / "README")) == ["user.j", "user.k"]
+    os.removexattr(m / "README", "user.k")
+    with pytest.raises(OSError) as ei:
+        os.getxattr(m / "README", "user.k")
+    assert ei.value.errno == errno.ENODATA
+    s = os.statvfs(m)
+    assert s.f_bsize > 0 and s.f_blocks > 0
+
+
+def test_unlinked_open_file_stays_readable(env: Env) -> None:
+    p = env.mnt / "tmp"
+    p.write_bytes(b"data")
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.unlink(p)
+        assert not p.exists()
+        os.pwrite(fd, b"DATA!", 0)
+        assert os.pread(fd, 10, 0) == b"DATA!"
+    finally:
+        os.close(fd)
+
+
+def test_readdir_large_directory_is_complete_and_stable(env: Env) -> None:
+    d = env.mnt / "many"
+    d.mkdir()
+    names = {f"f{i:04d}" for i in range(1500)}
+    for n in names:
+        (d / n).write_bytes(b"")
+    assert set(os.listdir(d)) == names
+    # Deleting while iterating must not skip or repeat the others.
+    seen = []
+    with os.scandir(d) as it:
+        for i, e in enumerate(it):
+            seen.append(e.name)
+            if i == 10:
+                for n in sorted(names)[-100:]:
+                    os.unlink(d / n)
+    assert len(seen) == len(set(seen))
+    kept = names - set(sorted(names)[-100:])
+    assert kept <= set(seen)
+
+
+def test_inode_numbers_stable_across_checkpoint_and_rollback(env: Env) -> None:
+    m = env.mnt
+    (m / "f").write_text("1")
+    ino = (m / "f").stat().st_ino
+    base_ino = (m / "README").stat().st_ino
+    c = env.m.checkpoint()
+    (m / "f").write_text("2")
+    (m / "README").write_text("changed")
+    assert (m / "f").stat().st_ino == ino and (m / "README").stat().st_ino == base_ino
+    env.m.rollback(c)
+    assert (m / "f").stat().st_ino == ino and (m / "README").stat().st_ino == base_ino
+    assert (m / "f").read_text() == "1"
