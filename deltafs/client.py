@@ -110,13 +110,17 @@ class Mount:
                                       "again with the same store to recover") from e
                 raise DaemonError(f"cannot reach the DeltaFS daemon of {self.mountpoint}: {e}") from e
             self._sock = s
-        self._sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-        while b"\n" not in self._buf:
-            data = self._sock.recv(65536)
-            if not data:
-                self.close()
-                raise DaemonError(f"the DeltaFS daemon of {self.mountpoint} hung up")
-            self._buf += data
+        try:
+            self._sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            while b"\n" not in self._buf:
+                data = self._sock.recv(65536)
+                if not data:
+                    raise ConnectionResetError("connection closed")
+                self._buf += data
+        except OSError as e:
+            self.close()
+            raise DaemonError(f"the DeltaFS daemon of {self.mountpoint} hung up ({e}); if it "
+                              "died, mount again with the same store to recover") from e
         line, self._buf = self._buf.split(b"\n", 1)
         res = json.loads(line)
         if not res["ok"]:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -152,15 +153,21 @@ async def _serve_client(fs: Filesystem, stream: trio.SocketStream, done: trio.Ev
                     done.set()
 
 
-async def _run(fs: Filesystem, sock_path: str) -> None:
-    done = trio.Event()
+def _listen(sock_path: str) -> socket.socket:
     try:
         os.unlink(sock_path)
     except FileNotFoundError:
         pass
-    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await listener.bind(sock_path)
-    listener.listen(16)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(sock_path)
+    os.chmod(sock_path, 0o600)
+    s.listen(16)
+    return s
+
+
+async def _run(fs: Filesystem, sock: socket.socket) -> None:
+    done = trio.Event()
+    listener = trio.socket.from_stdlib_socket(sock)
     async with trio.open_nursery() as nursery:
 
         async def fuse_main() -> None:
@@ -214,6 +221,7 @@ def serve(mountpoint: str, store: str, base: str | None, options: list[str],
         opts = set(pyfuse3.default_options)
         opts |= {f"fsname={SOURCE_PREFIX}{store}", "subtype=deltafs", "default_permissions"}
         opts |= set(options)
+        sock = _listen(os.path.join(store, "control.sock"))
         pyfuse3.init(Operations(fs.view, store), mp, opts)
         mounted = True
     except (DeltaFSError, OSError, RuntimeError) as e:
@@ -230,7 +238,7 @@ def serve(mountpoint: str, store: str, base: str | None, options: list[str],
         os.write(ready_fd, b"ok\n")
         os.close(ready_fd)
     try:
-        trio.run(_run, fs, os.path.join(store, "control.sock"))
+        trio.run(_run, fs, sock)
     finally:
         if mounted:
             pyfuse3.close(unmount=True)

@@ -1,0 +1,195 @@
+"""Checkpoint, rollback, the tree, durability and the kernel's caches."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import deltafs
+
+from .conftest import Env
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "L:" + os.readlink(p)
+            elif p.is_dir():
+                out[rel] = "D"
+            else:
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_rollback_to_sibling_branch_and_forward_again(env: Env) -> None:
+    m, mnt = env.m, env.mnt
+    (mnt / "f").write_text("root")
+    c0 = m.checkpoint("c0")
+    (mnt / "f").write_text("branch A")
+    (mnt / "a-only").write_text("a")
+    ca = m.checkpoint("A")
+    m.rollback(c0)
+    assert (mnt / "f").read_text() == "root" and not (mnt / "a-only").exists()
+    (mnt / "f").write_text("branch B")
+    os.rename(mnt / "src", mnt / "src-b")
+    cb = m.checkpoint("B")
+    m.rollback(ca)
+    assert (mnt / "f").read_text() == "branch A" and (mnt / "a-only").read_text() == "a"
+    assert (mnt / "src/pkg/mod.py").exists() and not (mnt / "src-b").exists()
+    m.rollback(cb)
+    assert (mnt / "f").read_text() == "branch B" and not (mnt / "a-only").exists()
+    assert (mnt / "src-b/pkg/mod.py").read_text() == "X = 1\n"
+    tree = {c.id: c for c in m.list()}
+    assert tree[ca].parent == c0 and tree[cb].parent == c0 and tree[c0].parent == 1
+    assert tree[cb].current and not tree[ca].current
+    assert [tree[i].label for i in (c0, ca, cb)] == ["c0", "A", "B"]
+
+
+def test_unsaved_changes_discarded_and_caches_not_stale(env: Env) -> None:
+    m, mnt = env.m, env.mnt
+    c = m.checkpoint()
+    before = tree_digest(mnt)
+    # Fill the kernel caches with the new state, then roll back under them.
+    (mnt / "README").write_text("changed")
+    (mnt / "new").write_text("new")
+    os.unlink(mnt / "empty")
+    os.mkdir(mnt / "nd")
+    os.chmod(mnt / "src/pkg/mod.py", 0o600)
+    assert (mnt / "README").read_text() == "changed" and (mnt / "new").exists()
+    assert not (mnt / "ghost").exists()  # cache a negative entry ...
+    c2 = m.checkpoint()
+    (mnt / "ghost").write_text("boo")  # ... that a later state fills
+    m.rollback(c)
+    assert tree_digest(mnt) == before
+    assert os.stat(mnt / "src/pkg/mod.py").st_mode & 0o777 == 0o644
+    assert (mnt / "README").read_text() == "base readme\n"
+    assert not (mnt / "new").exists() and (mnt / "empty").exists()
+    m.rollback(c2)
+    assert (mnt / "README").read_text() == "changed" and not (mnt / "ghost").exists()
+
+
+def test_open_fd_across_rollback_reads_rolled_back_content(env: Env) -> None:
+    m, mnt = env.m, env.mnt
+    (mnt / "f").write_text("version one")
+    c = m.checkpoint()
+    (mnt / "f").write_text("version two, longer")
+    (mnt / "gone").write_text("only after")
+    with open(mnt / "f", "rb") as f, open(mnt / "gone", "rb") as g:
+        assert f.read() == b"version two, longer"
+        m.rollback(c)
+        f.seek(0)
+        assert f.read() == b"version one"
+        with pytest.raises(OSError):  # its file does not exist in this state
+            g.seek(0)
+            g.read()
+
+
+def test_checkpoint_contains_every_returned_write(env: Env) -> None:
+    m, mnt = env.m, env.mnt
+    fd = os.open(mnt / "log", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"first;")
+        c = m.checkpoint()  # no close, no fsync before it
+        os.write(fd, b"second;")
+    finally:
+        os.close(fd)
+    m.rollback(c)
+    assert (mnt / "log").read_bytes() == b"first;"
+
+
+def test_diff_and_drop(env: Env) -> None:
+    m, mnt = env.m, env.mnt
+    c0 = m.checkpoint()
+    (mnt / "added").write_text("x")
+    (mnt / "README").write_text("mod")
+    os.unlink(mnt / "empty")
+    c1 = m.checkpoint()
+    d = m.diff(c0, c1)
+    # README.link is a hard link to README: it changed too
+    assert d.added == ["/added"] and d.deleted == ["/empty"]
+    assert d.modified == ["/README", "/README.link"]
+    (mnt / "live-only").write_text("y")
+    assert m.diff(c1).added == ["/live-only"]
+    blobs_before = len(os.listdir(env.store / "blobs"))
+    m.rollback(c0)
+    m.drop(c1)
+    assert c1 not in {c.id for c in m.list()}
+    assert len(os.listdir(env.store / "blobs")) < blobs_before
+    with pytest.raises(deltafs.UnknownCheckpointError):
+        m.rollback(c1)
+    # Dropping an interior checkpoint keeps its descendants intact.
+    (mnt / "a").write_text("a")
+    ca = m.checkpoint()
+    (mnt / "b").write_text("b")
+    cb = m.checkpoint()
+    m.drop(ca)
+    m.rollback(c0)
+    m.rollback(cb)
+    assert (mnt / "a").read_text() == "a" and (mnt / "b").read_text() == "b"
+    assert {c.id: c.parent for c in m.list()}[cb] == c0
+
+
+def test_deep_tree_of_checkpoints(env: Env) -> None:
+    m, mnt = env.m, env.mnt
+    ids = []
+    for i in range(60):
+        (mnt / f"f{i % 7}").write_text(str(i))
+        ids.append(m.checkpoint())
+    for i in (3, 59, 0, 31, 45):
+        m.rollback(ids[i])
+        for k in range(7):
+            last = max((j for j in range(i + 1) if j % 7 == k), default=None)
+            p = mnt / f"f{k}"
+            if last is None:
+                assert not p.exists()
+            else:
+                assert p.read_text() == str(last)
+
+
+def test_remount_resumes_tree_and_live_state(env: Env) -> None:
+    m, mnt = env.m, env.mnt
+    (mnt / "kept").write_text("checkpointed")
+    c = m.checkpoint("before remount")
+    (mnt / "live").write_text("live, unsaved")
+    with open(mnt / "kept", "a") as f:
+        f.write(" + live")
+    m.unmount()
+    assert not (mnt / "kept").exists()
+    env.remount()
+    assert (mnt / "live").read_text() == "live, unsaved"
+    assert (mnt / "kept").read_text() == "checkpointed + live"
+    assert any(x.id == c and x.label == "before remount" for x in env.m.list())
+    env.m.rollback(c)
+    assert (mnt / "kept").read_text() == "checkpointed" and not (mnt / "live").exists()
+
+
+def test_kill_9_then_every_checkpoint_reads_back_bit_exact(env: Env) -> None:
+    m, mnt = env.m, env.mnt
+    digests = {}
+    for i in range(5):
+        (mnt / f"data{i}").write_bytes(os.urandom(5000 * (i + 1)))
+        (mnt / "README").write_text(f"round {i}")
+        if i == 2:
+            os.rename(mnt / "src", mnt / "src2")
+        c = m.checkpoint(f"r{i}")
+        digests[c] = tree_digest(mnt)
+    (mnt / "live").write_bytes(b"z" * 10000)
+    os.kill(m.status()["pid"], signal.SIGKILL)
+    time.sleep(0.2)
+    with pytest.raises(deltafs.DaemonError):
+        m.checkpoint()
+    env.remount()  # the dead mount is detached and the store reopened
+    live = tree_digest(mnt)
+    assert live["live"] == hashlib.sha256(b"z" * 10000).hexdigest()
+    for c, want in digests.items():
+        env.m.rollback(c)
+        assert tree_digest(mnt) == want, f"checkpoint {c} changed across the crash"

@@ -1,0 +1,75 @@
+"""Bad input: a clear message, a non-zero exit, and nothing lost."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import Env
+
+
+def deltafs_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "deltafs.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_checkpoint_and_rollback_through_the_cli(env: Env) -> None:
+    (env.mnt / "f").write_text("one")
+    r = deltafs_cli("checkpoint", str(env.mnt), "--label", "cli")
+    assert r.returncode == 0 and r.stdout.strip().isdigit(), r.stderr
+    cid = r.stdout.strip()
+    (env.mnt / "f").write_text("two")
+    assert deltafs_cli("rollback", str(env.mnt), cid).returncode == 0
+    assert (env.mnt / "f").read_text() == "one"
+    r = deltafs_cli("list", str(env.mnt), "--json")
+    assert r.returncode == 0 and '"label": "cli"' in r.stdout
+    r = deltafs_cli("diff", str(env.mnt), "1", cid)
+    assert r.returncode == 0 and "A /f" in r.stdout.splitlines()
+
+
+def test_unknown_checkpoint_id(env: Env) -> None:
+    (env.mnt / "f").write_text("keep me")
+    r = deltafs_cli("rollback", str(env.mnt), "4242")
+    assert r.returncode != 0 and "no checkpoint 4242" in r.stderr
+    assert (env.mnt / "f").read_text() == "keep me", "a failed rollback must change nothing"
+    r = deltafs_cli("drop", str(env.mnt), "4242")
+    assert r.returncode != 0 and "no checkpoint 4242" in r.stderr
+
+
+def test_path_that_is_not_a_deltafs_mount(tmp_path: Path) -> None:
+    r = deltafs_cli("checkpoint", str(tmp_path))
+    assert r.returncode != 0 and "is not a DeltaFS mount" in r.stderr
+    r = deltafs_cli("list", "/proc")
+    assert r.returncode != 0 and "is not a DeltaFS mount (it is a proc mount)" in r.stderr
+
+
+def test_store_in_use_by_another_mount(env: Env, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    r = deltafs_cli(str(other), "--base", str(env.base), "--store", str(env.store))
+    assert r.returncode != 0 and "in use by DeltaFS daemon" in r.stderr
+    assert (env.mnt / "README").read_text() == "base readme\n"
+
+
+def test_missing_base_directory(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    r = deltafs_cli(str(tmp_path / "mnt"), "--base", str(tmp_path / "nope"),
+                    "--store", str(tmp_path / "s"))
+    assert r.returncode != 0 and "base directory" in r.stderr and "nope" in r.stderr
+
+
+def test_mount_point_already_mounted(env: Env, tmp_path: Path) -> None:
+    r = deltafs_cli(str(env.mnt), "--base", str(env.base), "--store", str(tmp_path / "s2"))
+    assert r.returncode != 0 and "already has a DeltaFS mounted" in r.stderr
+    assert (env.mnt / "README").read_text() == "base readme\n"
+
+
+def test_store_with_another_base_is_refused(env: Env, tmp_path: Path) -> None:
+    env.m.unmount()
+    other = tmp_path / "otherbase"
+    other.mkdir()
+    r = deltafs_cli(str(env.mnt), "--base", str(other), "--store", str(env.store))
+    assert r.returncode != 0 and "was made from base" in r.stderr
+    env.remount()
+    assert (env.mnt / "README").read_text() == "base readme\n"
