@@ -32,7 +32,8 @@ from .blobs import Blobs
 from .errors import (AlreadyMountedError, BaseMissingError, DeltaFSError, StoreCorruptError,
                      StoreLockedError, UnknownCheckpointError)
 from .fuseops import Operations, invalidate
-from .index import Index
+from .index import BLOB, Index
+from .records import from_u64
 from .mounts import FSTYPE, SOURCE_PREFIX, canonical, is_dead, top_mount
 from .view import View
 
@@ -48,6 +49,7 @@ class Filesystem:
         self.idx = Index(os.path.join(store, "index"))
         self.blobs = Blobs(store, base_fd)
         self.view = View(self.idx, self.blobs)
+        self.nursery: trio.Nursery | None = None  # set while serving
         if self.idx.is_new():
             with self.idx.begin(write=True) as txn:
                 self.idx.initialise(txn)
@@ -60,12 +62,23 @@ class Filesystem:
             self.idx.sync()
         else:
             self.idx.load()
+            self._sweep_blobs()
             with self.idx.begin() as txn:
                 was = bytes(txn.get(b"base", db=self.idx.meta) or b"").decode()
             if was != base_desc:
                 raise StoreCorruptError(
                     f"the store {store} was made from base {was}, not {base_desc}: "
                     "mount it with the same --base, or use another --store")
+
+    def _sweep_blobs(self) -> None:
+        """Delete blob files that no layer owns (left by a crash between a
+        rollback and the deletion of the discarded layer's blobs)."""
+        owned = set()
+        with self.idx.begin() as txn:
+            for lid in self.idx.layers:
+                owned.update(from_u64(p) for t, p in self.idx.changes(txn, lid) if t == BLOB)
+        stray = [b for b in (int(n, 16) for n in os.listdir(self.blobs.dir)) if b not in owned]
+        self.blobs.delete(stray)
 
     async def control(self, req: dict[str, Any]) -> Any:
         op = req.get("op")
@@ -77,9 +90,16 @@ class Filesystem:
             return {"id": cid, "ms": (time.perf_counter() - t0) * 1e3}
         if op == "rollback":
             t0 = time.perf_counter()
-            changed = view.rollback(_cid(req.get("id")))
+            changed, garbage = view.rollback(_cid(req.get("id")))
+            t1 = time.perf_counter()
             n = await trio.to_thread.run_sync(invalidate, changed)
-            return {"invalidated": n, "ms": (time.perf_counter() - t0) * 1e3}
+            t2 = time.perf_counter()
+            if garbage and self.nursery is not None:
+                # Nothing refers to these any more; a crash before they are
+                # gone leaves files that the next mount sweeps away.
+                self.nursery.start_soon(trio.to_thread.run_sync, self.blobs.delete, garbage)
+            return {"invalidated": n, "ms": (t2 - t0) * 1e3, "switch_ms": (t1 - t0) * 1e3,
+                    "invalidate_ms": (t2 - t1) * 1e3}
         if op == "list":
             return [asdict(c) for c in view.checkpoints()]
         if op == "diff":
@@ -169,6 +189,7 @@ async def _run(fs: Filesystem, sock: socket.socket) -> None:
     done = trio.Event()
     listener = trio.socket.from_stdlib_socket(sock)
     async with trio.open_nursery() as nursery:
+        fs.nursery = nursery
 
         async def fuse_main() -> None:
             await pyfuse3.main()

@@ -528,10 +528,11 @@ class View:
                 f"no checkpoint {cid}: run 'deltafs list MOUNTPOINT' to see the checkpoints")
         return lay
 
-    def rollback(self, cid: int) -> list[tuple[bytes, bytes]]:
+    def rollback(self, cid: int) -> tuple[list[tuple[bytes, bytes]], list[int]]:
         """Make the live state an empty layer on top of checkpoint ``cid``.
         Returns what differs between the old and the new view, as
-        ``(table, prefix)``, for the kernel's caches."""
+        ``(table, prefix)``, for the kernel's caches, and the blobs of the
+        discarded layer, for the caller to delete off the critical path."""
         self.checkpoint_layer(cid)
         idx = self.idx
         old = idx.layers[idx.live]
@@ -554,8 +555,7 @@ class View:
         self.epoch += 1
         for od in self.files.values():
             od.owner = 0
-        self.blobs.delete(blobs)
-        return sorted(changed)
+        return sorted(changed), blobs
 
     def drop(self, cid: int) -> None:
         lay = self.checkpoint_layer(cid)
