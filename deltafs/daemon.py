@@ -63,6 +63,7 @@ class Filesystem:
         else:
             self.idx.load()
             self._sweep_blobs()
+            self.view.recover_sizes()
             with self.idx.begin() as txn:
                 was = bytes(txn.get(b"base", db=self.idx.meta) or b"").decode()
             if was != base_desc:

@@ -400,10 +400,6 @@ class View:
             return -1, 0
         owned = bool(rec.flags & F_OWNED) and rec.layer == live
         fd = self.blobs.open(rec.blob, write=owned)
-        if owned and os.fstat(fd).st_size != rec.size:
-            # After a crash the blob may hold writes whose size never reached
-            # the index: the index is the truth, as for a local filesystem.
-            os.ftruncate(fd, rec.size)
         return fd, live if owned else 0
 
     def acquire(self, ino: int) -> OpenData:
@@ -488,6 +484,29 @@ class View:
         if od.fd >= 0:
             os.close(od.fd)
         od.fd, od.owner = fd, self.idx.live
+
+    def recover_sizes(self) -> int:
+        """After a crash, the size of a file written in the live layer may
+        not have reached the index (it is persisted on release, not per
+        write), while its blob holds every write that returned. Take the
+        blob's length as the truth; returns how many records were fixed."""
+        fixed = 0
+        with self.idx.begin(write=True) as txn:
+            for table, prefix in list(self.idx.changes(txn, self.idx.live)):
+                if table != INO:
+                    continue
+                rec = self.inode(txn, from_u64(prefix))
+                if rec is None or rec.layer != self.idx.live or not rec.flags & F_OWNED:
+                    continue
+                try:
+                    size = os.stat(self.blobs.name(rec.blob), dir_fd=self.blobs.dir_fd).st_size
+                except FileNotFoundError:
+                    continue
+                if size != rec.size:
+                    rec.size = size
+                    self._put_inode(txn, rec)
+                    fixed += 1
+        return fixed
 
     def flush_dirty(self, ino: int | None = None) -> None:
         inos = list(self.dirty) if ino is None else [ino] if ino in self.dirty else []
