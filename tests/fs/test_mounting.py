@@ -1,0 +1,151 @@
+"""Mounting the way users do: over a directory, in the foreground, shared
+with other users, and killed at a random moment under load."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import deltafs
+from deltafs.mounts import top_mount
+
+from .conftest import teardown
+from .test_checkpoints import tree_digest
+
+
+def test_mount_over_a_directory_makes_its_contents_the_base(tmp_path: Path) -> None:
+    d = tmp_path / "project"
+    d.mkdir()
+    (d / "main.py").write_text("print('hi')\n")
+    m = deltafs.mount(str(d), store=str(tmp_path / "store"))
+    try:
+        assert (d / "main.py").read_text() == "print('hi')\n"
+        c = m.checkpoint()
+        (d / "main.py").write_text("broken")
+        (d / "junk").write_text("x")
+        m.rollback(c)
+        assert (d / "main.py").read_text() == "print('hi')\n" and not (d / "junk").exists()
+        (d / "kept").write_text("live")
+        m.unmount()
+        assert sorted(os.listdir(d)) == ["main.py"], "the directory underneath is never written"
+        m = deltafs.mount(str(d), store=str(tmp_path / "store"))
+        assert (d / "kept").read_text() == "live"
+    finally:
+        teardown(d, m)
+
+
+def test_foreground_mode_serves_until_unmounted(tmp_path: Path) -> None:
+    mnt, base = tmp_path / "mnt", tmp_path / "base"
+    mnt.mkdir()
+    base.mkdir()
+    (base / "f").write_text("fg")
+    proc = subprocess.Popen([sys.executable, "-m", "deltafs.cli", str(mnt), "--base", str(base),
+                             "--store", str(tmp_path / "store"), "--foreground"])
+    try:
+        deadline = time.monotonic() + 30
+        while top_mount(str(mnt)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (mnt / "f").read_text() == "fg"
+        r = subprocess.run([sys.executable, "-m", "deltafs.cli", "unmount", str(mnt)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        teardown(mnt, None)
+
+
+def test_allow_other_lets_another_user_work_with_kernel_permission_checks(tmp_path: Path) -> None:
+    # pytest's own temp root is private to root: use a directory others may enter.
+    top = Path(tempfile.mkdtemp(prefix="deltafs-shared-"))
+    os.chmod(top, 0o755)
+    mnt, base = top / "mnt", top / "base"
+    mnt.mkdir()
+    base.mkdir()
+    (base / "shared").mkdir(mode=0o777)
+    os.chmod(base / "shared", 0o777)
+    (base / "rootonly").write_text("secret")
+    os.chmod(base / "rootonly", 0o600)
+    m = deltafs.mount(str(mnt), base=str(base), store=str(tmp_path / "store"),
+                      options=["allow_other"])
+    try:
+        def as_nobody(*cmd: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                   *cmd], capture_output=True, text=True, timeout=30)
+        r = as_nobody("sh", "-c", f"echo hi > {mnt}/shared/mine && cat {mnt}/shared/mine")
+        assert r.returncode == 0 and r.stdout == "hi\n", r.stderr
+        st = os.stat(mnt / "shared/mine")
+        assert (st.st_uid, st.st_gid) == (65534, 65534)
+        r = as_nobody("cat", f"{mnt}/rootonly")
+        assert r.returncode != 0 and "Permission denied" in r.stderr
+        r = as_nobody("touch", f"{mnt}/not-allowed")
+        assert r.returncode != 0 and "Permission denied" in r.stderr
+    finally:
+        teardown(mnt, m)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+WRITER = r"""
+import hashlib, json, os, sys
+import deltafs
+mnt, out = sys.argv[1], sys.argv[2]
+m = deltafs.Mount(mnt)
+i = 0
+with open(out, "a") as log:
+    while True:
+        i += 1
+        for k in range(5):
+            with open(os.path.join(mnt, f"f{(i + k) % 13}"), "wb") as f:
+                f.write(os.urandom(100 * ((i * 7 + k) % 50)))
+        if i % 3 == 0:
+            os.rename(os.path.join(mnt, f"f{i % 13}"), os.path.join(mnt, f"r{i % 5}"))
+        try:
+            cid = m.checkpoint()
+        except deltafs.DaemonError:
+            break
+        digest = {}
+        for n in sorted(os.listdir(mnt)):
+            with open(os.path.join(mnt, n), "rb") as f:
+                digest[n] = hashlib.sha256(f.read()).hexdigest()
+        log.write(json.dumps([cid, digest]) + "\n")
+        log.flush()
+"""
+
+
+def test_kill_9_at_a_random_moment_under_load(tmp_path: Path) -> None:
+    """Checkpoints whose id was returned survive, whatever the daemon was
+    doing when it died; the live state afterwards is readable."""
+    import json
+
+    mnt, base = tmp_path / "mnt", tmp_path / "base"
+    mnt.mkdir()
+    base.mkdir()
+    store = tmp_path / "store"
+    m = deltafs.mount(str(mnt), base=str(base), store=str(store))
+    log = tmp_path / "log.jsonl"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt), str(log)])
+    try:
+        time.sleep(random.uniform(1.0, 2.5))
+        os.kill(m.status()["pid"], signal.SIGKILL)
+        writer.wait(timeout=60)
+        m.close()
+        m = deltafs.mount(str(mnt), base=str(base), store=str(store))
+        tree_digest(mnt)  # the live state is readable
+        records = [json.loads(x) for x in log.read_text().splitlines()]
+        assert len(records) >= 3, "the writer made too few checkpoints to test anything"
+        for cid, want in records:
+            m.rollback(cid)
+            got = {n: v for n, v in tree_digest(mnt).items()}
+            assert got == want, f"checkpoint {cid} differs after the crash"
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        teardown(mnt, m)
