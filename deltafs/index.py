@@ -36,6 +36,7 @@ from .records import FORMAT, L_FROZEN, Layer, from_u64, u64
 
 ENT, INO, XAT, BLOB = b"e", b"i", b"x", b"b"
 _MAP_SIZE = 1 << 38  # sparse: only what is written uses disk
+_SCAN_VERSIONS = 4
 
 
 class Index:
@@ -168,23 +169,42 @@ class Index:
         visible version only, tombstones included, in key order. ``rest`` is
         the key between ``prefix`` and the layer id."""
         if anc is None:
-            anc = self.anc
+            anc, top = self.anc, self.live
+        else:
+            top = max(anc)
         cur = txn.cursor(db=self.dbs[table])
         if not cur.set_range(prefix):
             return
         plen = len(prefix)
-        best: tuple[bytes, int, bytes] | None = None
-        for k, v in cur:
+        while True:
+            k = cur.key()
             if k[:plen] != prefix:
-                break
-            rest, lid = k[plen:-8], from_u64(k[-8:])
-            if best is not None and best[0] != rest:
+                return
+            rest = k[plen:-8]
+            group = prefix + rest
+            # Walk a few versions; a key rewritten in many layers is resolved
+            # with a seek instead, so a listing never grows with history.
+            best: tuple[bytes, int, bytes] | None = None
+            for _ in range(_SCAN_VERSIONS):
+                lid = from_u64(k[-8:])
+                if lid in anc:
+                    best = (rest, lid, cur.value())  # ascending ids: the last ancestor wins
+                if not cur.next():
+                    if best is not None:
+                        yield best
+                    return
+                k = cur.key()
+                if k[:-8] != group:
+                    break
+            else:
+                found = self.visible(txn, table, group, anc, top)
+                best = (rest, found[0], found[1]) if found else None
+                if not cur.set_range(group + b"\xff" * 9):
+                    if best is not None:
+                        yield best
+                    return
+            if best is not None:
                 yield best
-                best = None
-            if lid in anc:
-                best = (rest, lid, v)  # ascending ids: the last ancestor wins
-        if best is not None:
-            yield best
 
     # -- versioned writes (always into the live layer) -------------------------
 
