@@ -26,8 +26,12 @@ setup() {
     if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         echo "run.sh: creating the virtualenv .venv" >&2
         python3 -m venv .venv
-        .venv/bin/pip install -q --upgrade pip
-        .venv/bin/pip install -q -e '.[test]'
+        if ! { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[test]'; } \
+                >.venv/install.log 2>&1; then
+            cat .venv/install.log >&2
+            echo "run.sh: installing the Python packages failed (log above)" >&2
+            exit 1
+        fi
         echo "$want" > "$stamp"
     fi
 }

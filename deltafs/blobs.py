@@ -60,11 +60,18 @@ class Blobs:
             except FileNotFoundError:
                 pass
 
-    def sync(self, fds: list[int]) -> None:
-        for fd in fds:
-            os.fdatasync(fd)
-        if fds:
-            os.fsync(self.dir_fd)
+    def sync_blobs(self, blobs: set[int]) -> None:
+        for b in blobs:
+            try:
+                fd = os.open(self.name(b), os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dir_fd)
+            except FileNotFoundError:
+                continue  # deleted since: nothing refers to it
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        if blobs:
+            os.fsync(self.dir_fd)  # the new names, too
 
     def syncfs(self) -> None:
         """Flush every blob written since the last call: one syscall for the

@@ -116,9 +116,13 @@ class Filesystem:
             return None
         raise DeltaFSError(f"unknown control operation {op!r}")
 
-    def _make_durable(self, unsynced: bool) -> None:
-        if unsynced:
+    def _make_durable(self, unsynced: set[int]) -> None:
+        # Content before the index that refers to it. A few files: one
+        # fdatasync each; many: one syncfs of the store's filesystem.
+        if len(unsynced) > 64:
             self.blobs.syncfs()
+        else:
+            self.blobs.sync_blobs(unsynced)
         self.idx.sync()
 
     def close(self) -> None:

@@ -45,6 +45,7 @@ class OpenData:
     fd: int  # -1: the file has no content yet (empty, never written)
     owner: int  # the live layer id if fd is a blob that layer may write, else 0
     epoch: int
+    blob: int = NO_BLOB  # the blob behind fd when the live layer owns it
     refs: int = 0
     orphan: bool = False  # unlinked while open: lives only in ``fd``
 
@@ -77,7 +78,7 @@ class View:
         self.files: dict[int, OpenData] = {}
         self.orphans: dict[int, Inode] = {}  # unlinked while open: fstat still works
         self.epoch = 0
-        self.unsynced = False  # a blob was written since the last checkpoint
+        self.unsynced: set[int] = set()  # blobs written since the last checkpoint
 
     # -- reading ---------------------------------------------------------------
 
@@ -348,7 +349,7 @@ class View:
         try:
             self._writable(od, min(size, rec.size))
             os.ftruncate(od.fd, size)
-            self.unsynced = True
+            self.unsynced.add(od.blob)
             d = self._dirty(ino)
             d.size = size
             d.mtime_ns = d.ctime_ns = time.time_ns()
@@ -391,16 +392,16 @@ class View:
 
     # -- content ---------------------------------------------------------------
 
-    def _source(self, rec: Inode) -> tuple[int, int]:
-        """Open ``rec``'s content: (fd, owner)."""
+    def _source(self, rec: Inode) -> tuple[int, int, int]:
+        """Open ``rec``'s content: (fd, owner, owned blob)."""
         live = self.idx.live
         if rec.flags & F_BASE:
-            return self.blobs.open_base(rec.tail), 0
+            return self.blobs.open_base(rec.tail), 0, NO_BLOB
         if rec.blob == NO_BLOB:
-            return -1, 0
+            return -1, 0, NO_BLOB
         owned = bool(rec.flags & F_OWNED) and rec.layer == live
         fd = self.blobs.open(rec.blob, write=owned)
-        return fd, live if owned else 0
+        return fd, live if owned else 0, rec.blob if owned else NO_BLOB
 
     def acquire(self, ino: int) -> OpenData:
         od = self.files.get(ino)
@@ -410,8 +411,8 @@ class View:
             rec = self.getattr(ino)
             if stat.S_ISDIR(rec.mode):
                 raise FSError(errno.EISDIR)
-            fd, owner = self._source(rec)
-            od = OpenData(ino, fd, owner, self.epoch)
+            fd, owner, blob = self._source(rec)
+            od = OpenData(ino, fd, owner, self.epoch, blob=blob)
             self.files[ino] = od
         od.refs += 1
         return od
@@ -432,10 +433,10 @@ class View:
         if od.epoch == self.epoch:
             return
         rec = self.getattr(od.ino)  # ESTALE if it does not exist in this state
-        fd, owner = self._source(rec)
+        fd, owner, blob = self._source(rec)
         if od.fd >= 0:
             os.close(od.fd)
-        od.fd, od.owner, od.epoch, od.orphan = fd, owner, self.epoch, False
+        od.fd, od.owner, od.blob, od.epoch, od.orphan = fd, owner, blob, self.epoch, False
 
     def read(self, od: OpenData, off: int, size: int) -> bytes:
         self._fresh(od)
@@ -455,7 +456,7 @@ class View:
         if od.owner != self.idx.live:
             self._writable(od, None)
         n = os.pwrite(od.fd, buf, off)
-        self.unsynced = True
+        self.unsynced.add(od.blob)
         d = self.orphans.get(od.ino) if od.orphan else self._dirty(od.ino)
         if d is not None:
             if off + n > d.size:
@@ -481,9 +482,10 @@ class View:
                 self.idx.own_blob(txn, blob)
             else:
                 self.blobs.delete([blob])
+                blob = NO_BLOB
         if od.fd >= 0:
             os.close(od.fd)
-        od.fd, od.owner = fd, self.idx.live
+        od.fd, od.owner, od.blob = fd, self.idx.live, blob
 
     def recover_sizes(self) -> int:
         """After a crash, the size of a file written in the live layer may
@@ -518,10 +520,10 @@ class View:
 
     # -- checkpoints -----------------------------------------------------------
 
-    def checkpoint(self, label: str) -> tuple[int, bool]:
+    def checkpoint(self, label: str) -> tuple[int, set[int]]:
         """Freeze the live layer and push an empty one. Returns the new
-        checkpoint's id and whether blobs need syncing for durability; the
-        caller makes it durable (``Index.sync``) before telling anyone."""
+        checkpoint's id and the blobs written since the last checkpoint; the
+        caller makes those and the index durable before telling anyone."""
         self.flush_dirty()
         idx = self.idx
         with idx.begin(write=True) as txn:
@@ -537,7 +539,8 @@ class View:
         old.children.add(new.id)
         idx.live = new.id
         idx.anc.add(new.id)
-        unsynced, self.unsynced = self.unsynced, False
+        unsynced, self.unsynced = self.unsynced, set()
+        unsynced.discard(NO_BLOB)  # orphans: nothing to keep
         return old.id, unsynced
 
     def checkpoint_layer(self, cid: int) -> Layer:
@@ -571,6 +574,7 @@ class View:
         idx.set_live(new.id)
         self.dirty.clear()
         self.orphans.clear()
+        self.unsynced.clear()
         self.epoch += 1
         for od in self.files.values():
             od.owner = 0
