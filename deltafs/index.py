@@ -24,6 +24,7 @@ makes a checkpoint durable without syncing on every write.
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
 from collections.abc import Iterator
@@ -61,6 +62,7 @@ class Index:
         self.layers: dict[int, Layer] = {}
         self.live = 0
         self.anc: set[int] = set()  # the live layer and all its ancestors
+        self.anc_sorted: list[int] = []
 
     # -- setup ---------------------------------------------------------------
 
@@ -111,6 +113,13 @@ class Index:
             anc.add(lid)
             lid = self.layers[lid].parent
         self.anc = anc
+        self.anc_sorted = sorted(anc)
+
+    def push_live(self, lid: int) -> None:
+        """A new live layer on top of the current one (a checkpoint)."""
+        self.live = lid
+        self.anc.add(lid)
+        self.anc_sorted.append(lid)
 
     def chain(self, lid: int) -> list[int]:
         """``lid`` and its ancestors, newest first."""
@@ -137,31 +146,42 @@ class Index:
     # -- versioned reads -------------------------------------------------------
 
     def visible(self, txn: Any, table: bytes, prefix: bytes,
-                anc: set[int] | None = None, top: int | None = None) -> tuple[int, bytes] | None:
+                anc: set[int] | None = None, top: int | None = None,
+                anc_sorted: list[int] | None = None) -> tuple[int, bytes] | None:
         """The newest version of ``prefix`` in the chain ``anc`` (default: the
-        live chain) as ``(layer, value)``, or None if no layer of it wrote one."""
+        live chain) as ``(layer, value)``, or None if no layer of it wrote one.
+
+        Versions written by other branches (siblings in a tree search) can sit
+        between two ancestors; instead of stepping over them one by one, a
+        miss seeks straight to the next older ancestor, so the cost is one seek
+        per gap in the chain that holds foreign versions, not per version."""
         if anc is None:
-            anc, top = self.anc, self.live
+            anc, top, anc_sorted = self.anc, self.live, self.anc_sorted
         assert top is not None
         cur = txn.cursor(db=self.dbs[table])
-        target = prefix + u64(top)
-        if cur.set_range(target):
-            if cur.key() == target:
-                return top, cur.value()
-            if not cur.prev():
-                return None
-        elif not cur.last():
-            return None
         plen = len(prefix)
+        target = top
         while True:
+            key = prefix + u64(target)
+            if cur.set_range(key):
+                if cur.key() == key:
+                    return target, cur.value()
+                if not cur.prev():
+                    return None
+            elif not cur.last():
+                return None
             k = cur.key()
             if len(k) != plen + 8 or k[:plen] != prefix:
                 return None
             lid = from_u64(k[plen:])
             if lid in anc:
                 return lid, cur.value()
-            if not cur.prev():
+            if anc_sorted is None:
+                anc_sorted = sorted(anc)
+            i = bisect.bisect_left(anc_sorted, lid) - 1
+            if i < 0:
                 return None
+            target = anc_sorted[i]
 
     def scan_visible(self, txn: Any, table: bytes, prefix: bytes,
                      anc: set[int] | None = None) -> Iterator[tuple[bytes, int, bytes]]:
@@ -169,9 +189,10 @@ class Index:
         visible version only, tombstones included, in key order. ``rest`` is
         the key between ``prefix`` and the layer id."""
         if anc is None:
-            anc, top = self.anc, self.live
+            anc, top, anc_sorted = self.anc, self.live, self.anc_sorted
         else:
-            top = max(anc)
+            anc_sorted = sorted(anc)
+            top = anc_sorted[-1]
         cur = txn.cursor(db=self.dbs[table])
         if not cur.set_range(prefix):
             return
@@ -197,7 +218,7 @@ class Index:
                 if k[:-8] != group:
                     break
             else:
-                found = self.visible(txn, table, group, anc, top)
+                found = self.visible(txn, table, group, anc, top, anc_sorted)
                 best = (rest, found[0], found[1]) if found else None
                 if not cur.set_range(group + b"\xff" * 9):
                     if best is not None:

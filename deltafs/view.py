@@ -537,8 +537,7 @@ class View:
             txn.put(b"live", u64(new.id), db=idx.meta)
         idx.layers[new.id] = new
         old.children.add(new.id)
-        idx.live = new.id
-        idx.anc.add(new.id)
+        idx.push_live(new.id)
         unsynced, self.unsynced = self.unsynced, set()
         unsynced.discard(NO_BLOB)  # orphans: nothing to keep
         return old.id, unsynced
@@ -637,12 +636,14 @@ class View:
         idx = self.idx
         va = set(idx.chain(a))
         vb = set(idx.chain(b if b is not None else idx.live))
+        sa, sb = sorted(va), sorted(vb)
         added: list[str] = []
         modified: list[str] = []
         deleted: list[str] = []
 
         def inode(txn: Any, ino: int, anc: set[int]) -> tuple[int, Inode] | None:
-            r = idx.visible(txn, INO, u64(ino), anc, max(anc))
+            chain = sa if anc is va else sb
+            r = idx.visible(txn, INO, u64(ino), anc, chain[-1], chain)
             return (r[0], Inode.decode(ino, r[0], r[1])) if r and r[1] else None
 
         def walk_all(txn: Any, ino: int, anc: set[int], path: str, out: list[str]) -> None:
