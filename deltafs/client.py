@@ -133,7 +133,12 @@ class Mount:
     def checkpoint(self, label: str = "") -> int:
         """Freeze the current files as a new checkpoint; returns its id once
         it is durable."""
-        return int(self._call("checkpoint", label=label)["id"])
+        return int(self.checkpoint_timed(label)["id"])
+
+    def checkpoint_timed(self, label: str = "") -> dict[str, Any]:
+        """``checkpoint`` with the daemon's timings: ``id``, ``ms`` (all of
+        it), ``freeze_ms`` (the layer switch), ``sync_ms`` (making it durable)."""
+        return dict(self._call("checkpoint", label=label))
 
     def rollback(self, cid: int) -> dict[str, Any]:
         """Make the mount show exactly checkpoint ``cid``; unsaved changes are

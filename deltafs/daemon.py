@@ -59,6 +59,7 @@ class Filesystem:
             with self.idx.begin(write=True) as txn:
                 import_base(self.view, txn, base_fd)
             self.idx.set_live(2)
+            self.view.clear_caches()
             self.idx.sync()
         else:
             self.idx.load()
@@ -87,8 +88,11 @@ class Filesystem:
         if op == "checkpoint":
             t0 = time.perf_counter()
             cid, unsynced = view.checkpoint(str(req.get("label") or ""))
+            t1 = time.perf_counter()
             await trio.to_thread.run_sync(self._make_durable, unsynced)
-            return {"id": cid, "ms": (time.perf_counter() - t0) * 1e3}
+            t2 = time.perf_counter()
+            return {"id": cid, "ms": (t2 - t0) * 1e3, "freeze_ms": (t1 - t0) * 1e3,
+                    "sync_ms": (t2 - t1) * 1e3, "synced_files": len(unsynced)}
         if op == "rollback":
             t0 = time.perf_counter()
             changed, garbage = view.rollback(_cid(req.get("id")))
@@ -117,9 +121,11 @@ class Filesystem:
         raise DeltaFSError(f"unknown control operation {op!r}")
 
     def _make_durable(self, unsynced: set[int]) -> None:
-        # Content before the index that refers to it. A few files: one
-        # fdatasync each; many: one syncfs of the store's filesystem.
-        if len(unsynced) > 64:
+        # Content before the index that refers to it. A few files: fdatasync;
+        # more: one syncfs of the store's filesystem, which commits the
+        # journal once instead of once per file (measured: 100 files 14 ms
+        # with fdatasync each).
+        if len(unsynced) > 8:
             self.blobs.syncfs()
         else:
             self.blobs.sync_blobs(unsynced)

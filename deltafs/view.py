@@ -26,6 +26,7 @@ import os
 import stat
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ from .index import ENT, INO, XAT, Index
 from .records import F_BASE, F_OWNED, L_DROPPED, L_FROZEN, NO_BLOB, Inode, Layer, from_u64, u64
 
 ROOT = 1
+_CACHE_MAX = 200_000  # entries per cache; past that, lookups go to the index
 
 
 @dataclass(slots=True)
@@ -75,6 +77,9 @@ class View:
         self.idx = index
         self.blobs = blobs
         self.dirty: dict[int, Inode] = {}
+        self._icache: dict[int, Inode] = {}
+        self._ecache: dict[tuple[int, bytes], int] = {}
+        self._pending: dict[Any, Any] | None = None
         self.files: dict[int, OpenData] = {}
         self.orphans: dict[int, Inode] = {}  # unlinked while open: fstat still works
         self.epoch = 0
@@ -82,14 +87,51 @@ class View:
 
     # -- reading ---------------------------------------------------------------
 
+    # -- caches ------------------------------------------------------------------
+    # Decoded inodes and resolved entries of the live view, in memory: a hit
+    # costs a dict lookup whatever the index holds. A write transaction drops
+    # the keys it touches at once and fills them in only after it commits;
+    # nothing is cached from inside a write transaction (it could abort); a
+    # rollback or a merge of layers clears everything.
+
+    @contextmanager
+    def _write(self) -> Iterator[Any]:
+        pending: dict[Any, Any] = {}
+        self._pending = pending
+        try:
+            with self.idx.begin(write=True) as txn:
+                yield txn
+        finally:
+            self._pending = None
+        for key, val in pending.items():
+            cache = self._icache if isinstance(key, int) else self._ecache
+            if val is not None and len(cache) < _CACHE_MAX:
+                cache[key] = val
+
+    def _touch(self, key: Any, val: Any) -> None:
+        cache = self._icache if isinstance(key, int) else self._ecache
+        cache.pop(key, None)
+        if self._pending is not None:
+            self._pending[key] = val
+
+    def clear_caches(self) -> None:
+        self._icache.clear()
+        self._ecache.clear()
+
     def inode(self, txn: Any, ino: int) -> Inode | None:
         d = self.dirty.get(ino)
         if d is not None:
             return d
+        rec = self._icache.get(ino)
+        if rec is not None:
+            return rec
         r = self.idx.visible(txn, INO, u64(ino))
         if r is None or not r[1]:
             return self.orphans.get(ino)
-        return Inode.decode(ino, r[0], r[1])
+        rec = Inode.decode(ino, r[0], r[1])
+        if self._pending is None and len(self._icache) < _CACHE_MAX:
+            self._icache[ino] = rec
+        return rec
 
     def must(self, txn: Any, ino: int) -> Inode:
         rec = self.inode(txn, ino)
@@ -99,10 +141,23 @@ class View:
 
     def entry(self, txn: Any, parent: int, name: bytes) -> int:
         """The inode ``name`` names in ``parent``, 0 if none."""
+        key = (parent, name)
+        ino = self._ecache.get(key)
+        if ino is not None:
+            return ino
         r = self.idx.visible(txn, ENT, _entry_key(parent, name))
-        if r is None or not r[1]:
-            return 0
-        return from_u64(r[1])
+        ino = from_u64(r[1]) if r is not None and r[1] else 0
+        if self._pending is None and len(self._ecache) < _CACHE_MAX:
+            self._ecache[key] = ino
+        return ino
+
+    def _put_entry(self, txn: Any, parent: int, name: bytes, ino: int) -> None:
+        self._touch((parent, name), ino)
+        self.idx.put(txn, ENT, _entry_key(parent, name), u64(ino))
+
+    def _remove_entry(self, txn: Any, parent: int, name: bytes) -> None:
+        self._touch((parent, name), 0)
+        self.idx.remove(txn, ENT, _entry_key(parent, name))
 
     def getattr(self, ino: int) -> Inode:
         with self.idx.begin() as txn:
@@ -148,10 +203,12 @@ class View:
     def _put_inode(self, txn: Any, rec: Inode) -> None:
         self.dirty.pop(rec.ino, None)
         rec.layer = self.idx.live
+        self._touch(rec.ino, rec.copy())
         self.idx.put(txn, INO, u64(rec.ino), rec.encode())
 
     def _drop_inode(self, txn: Any, rec: Inode) -> None:
         self.dirty.pop(rec.ino, None)
+        self._touch(rec.ino, None)
         self.idx.remove(txn, INO, u64(rec.ino))
         od = self.files.get(rec.ino)
         if od is not None:
@@ -174,7 +231,7 @@ class View:
         """Create a file, directory, symlink or special file."""
         if len(name) > 255:
             raise FSError(errno.ENAMETOOLONG)
-        with self.idx.begin(write=True) as txn:
+        with self._write() as txn:
             p = self._dir(txn, parent)
             if self.entry(txn, parent, name):
                 raise FSError(errno.EEXIST)
@@ -188,7 +245,7 @@ class View:
             rec = Inode(ino, mode, uid, gid, 2 if is_dir else 1, rdev, len(target),
                         now, now, now, NO_BLOB, 0, parent if is_dir else 0, target)
             self._put_inode(txn, rec)
-            self.idx.put(txn, ENT, _entry_key(parent, name), u64(ino))
+            self._put_entry(txn, parent, name, ino)
             p.mtime_ns = p.ctime_ns = now
             if is_dir:
                 p.nlink += 1
@@ -196,7 +253,7 @@ class View:
             return rec
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
-        with self.idx.begin(write=True) as txn:
+        with self._write() as txn:
             rec = self.must(txn, ino).copy()
             if stat.S_ISDIR(rec.mode):
                 raise FSError(errno.EPERM)
@@ -207,7 +264,7 @@ class View:
             rec.nlink += 1
             rec.ctime_ns = now
             self._put_inode(txn, rec)
-            self.idx.put(txn, ENT, _entry_key(parent, name), u64(ino))
+            self._put_entry(txn, parent, name, ino)
             p.mtime_ns = p.ctime_ns = now
             self._put_inode(txn, p)
             return rec
@@ -218,7 +275,7 @@ class View:
         return True
 
     def unlink(self, parent: int, name: bytes, want_dir: bool) -> None:
-        with self.idx.begin(write=True) as txn:
+        with self._write() as txn:
             p = self._dir(txn, parent)
             ino = self.entry(txn, parent, name)
             if not ino:
@@ -232,7 +289,7 @@ class View:
             if is_dir and not self._is_empty(txn, ino):
                 raise FSError(errno.ENOTEMPTY)
             now = time.time_ns()
-            self.idx.remove(txn, ENT, _entry_key(parent, name))
+            self._remove_entry(txn, parent, name)
             self._unref(txn, rec, now)
             p.mtime_ns = p.ctime_ns = now
             if is_dir:
@@ -252,7 +309,7 @@ class View:
         noreplace, exchange = flags & 1, flags & 2
         if len(n2) > 255:
             raise FSError(errno.ENAMETOOLONG)
-        with self.idx.begin(write=True) as txn:
+        with self._write() as txn:
             recs: dict[int, Inode] = {}
 
             def get(ino: int) -> Inode:
@@ -277,8 +334,8 @@ class View:
             gone: Inode | None = None
             if exchange:
                 t = get(dst)
-                self.idx.put(txn, ENT, _entry_key(p1, n1), u64(dst))
-                self.idx.put(txn, ENT, _entry_key(p2, n2), u64(src))
+                self._put_entry(txn, p1, n1, dst)
+                self._put_entry(txn, p2, n2, src)
                 if p1 != p2:
                     for moved, frm, to in ((s, d1, d2), (t, d2, d1)):
                         if stat.S_ISDIR(moved.mode):
@@ -301,8 +358,8 @@ class View:
                     gone = t
                     if t_dir:
                         d2.nlink -= 1
-                self.idx.put(txn, ENT, _entry_key(p2, n2), u64(src))
-                self.idx.remove(txn, ENT, _entry_key(p1, n1))
+                self._put_entry(txn, p2, n2, src)
+                self._remove_entry(txn, p1, n1)
                 if s_dir and p1 != p2:
                     s.parent = p2
                     d1.nlink -= 1
@@ -323,7 +380,7 @@ class View:
                 mtime_ns: int | None = None, ctime_ns: int | None = None) -> Inode:
         if size is not None:
             self.truncate(ino, size)
-        with self.idx.begin(write=True) as txn:
+        with self._write() as txn:
             rec = self.must(txn, ino).copy()
             if mode is not None:
                 rec.mode = stat.S_IFMT(rec.mode) | stat.S_IMODE(mode)
@@ -368,7 +425,7 @@ class View:
             return bytes(r[1][1:])
 
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        with self.idx.begin(write=True) as txn:
+        with self._write() as txn:
             rec = self.must(txn, ino).copy()
             self.idx.put(txn, XAT, u64(ino) + name + b"\0", b"\1" + value)
             rec.ctime_ns = time.time_ns()
@@ -380,7 +437,7 @@ class View:
             return [rest[:-1] for rest, _l, v in self.idx.scan_visible(txn, XAT, u64(ino)) if v]
 
     def removexattr(self, ino: int, name: bytes) -> None:
-        with self.idx.begin(write=True) as txn:
+        with self._write() as txn:
             rec = self.must(txn, ino).copy()
             key = u64(ino) + name + b"\0"
             r = self.idx.visible(txn, XAT, key)
@@ -469,7 +526,7 @@ class View:
         ``keep`` bytes of its content (all of it when None)."""
         if od.owner == self.idx.live:
             return
-        with self.idx.begin(write=True) as txn:
+        with self._write() as txn:
             rec = None if od.orphan else self.must(txn, od.ino).copy()
             size = rec.size if rec is not None else (os.fstat(od.fd).st_size if od.fd >= 0 else 0)
             if keep is not None:
@@ -493,11 +550,13 @@ class View:
         write), while its blob holds every write that returned. Take the
         blob's length as the truth; returns how many records were fixed."""
         fixed = 0
-        with self.idx.begin(write=True) as txn:
+        with self._write() as txn:
             for table, prefix in list(self.idx.changes(txn, self.idx.live)):
                 if table != INO:
                     continue
                 rec = self.inode(txn, from_u64(prefix))
+                if rec is not None:
+                    rec = rec.copy()
                 if rec is None or rec.layer != self.idx.live or not rec.flags & F_OWNED:
                     continue
                 try:
@@ -514,7 +573,7 @@ class View:
         inos = list(self.dirty) if ino is None else [ino] if ino in self.dirty else []
         if not inos:
             return
-        with self.idx.begin(write=True) as txn:
+        with self._write() as txn:
             for i in inos:
                 self._put_inode(txn, self.dirty[i])
 
@@ -574,6 +633,7 @@ class View:
         self.dirty.clear()
         self.orphans.clear()
         self.unsynced.clear()
+        self.clear_caches()
         self.epoch += 1
         for od in self.files.values():
             od.owner = 0
@@ -582,7 +642,7 @@ class View:
     def drop(self, cid: int) -> None:
         lay = self.checkpoint_layer(cid)
         lay.flags |= L_DROPPED
-        with self.idx.begin(write=True) as txn:
+        with self._write() as txn:
             self.idx.put_layer(txn, lay)
         self.collect()
 
@@ -614,6 +674,7 @@ class View:
                 self.blobs.delete(blobs)
                 progress = True
         idx.set_live(idx.live)
+        self.clear_caches()  # merged versions now carry other layer ids
 
     def _shown_parent(self, lid: int) -> int | None:
         p = self.idx.layers[lid].parent
