@@ -23,9 +23,10 @@ entries and inodes differ between the old and the new view and invalidates
 those and nothing else (``deltafs.fuseops.invalidate``).
 
 Durability: every operation is one LMDB transaction that reaches the OS at
-once, so ``kill -9`` of the daemon loses nothing that was written; the disk
-is synced (LMDB ``fsync`` plus ``syncfs`` of the blobs) when a checkpoint is
-taken, before its id is returned. Caveats: writes through a writable
+once, so ``kill -9`` of the daemon loses nothing that was written; the
+blobs and the index are flushed to disk when a checkpoint is taken, before
+its id is returned, with one journal commit on ext4/XFS
+(``deltafs.durability``). Caveats: writes through a writable
 ``mmap`` are not tracked specially (they reach us via the kernel like any
 write), base xattrs are not imported, and the base must not change while a
 store uses it.

@@ -9,13 +9,10 @@ opened before the mount covered it.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 
 from .errors import FSError
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Blobs:
@@ -59,26 +56,6 @@ class Blobs:
                 os.unlink(self.name(b), dir_fd=self.dir_fd)
             except FileNotFoundError:
                 pass
-
-    def sync_blobs(self, blobs: set[int]) -> None:
-        for b in blobs:
-            try:
-                fd = os.open(self.name(b), os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dir_fd)
-            except FileNotFoundError:
-                continue  # deleted since: nothing refers to it
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-        if blobs:
-            os.fsync(self.dir_fd)  # the new names, too
-
-    def syncfs(self) -> None:
-        """Flush every blob written since the last call: one syscall for the
-        whole store instead of an fsync per file."""
-        if _libc.syncfs(self.dir_fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs of the store: {os.strerror(err)}")
 
     def close(self) -> None:
         os.close(self.dir_fd)

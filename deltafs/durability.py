@@ -1,0 +1,97 @@
+"""Making a checkpoint durable with as few disk flushes as possible.
+
+A checkpoint is on disk when the content of every blob written since the
+last one, the index (LMDB's ``data.mdb``) and their metadata (sizes, new
+names) are. The obvious way, ``fdatasync`` per blob then ``fsync`` of the
+index, commits the filesystem journal and flushes the disk cache once per
+file: measured here 13 ms for 100 files, 90 ms for 1,000. ``syncfs`` does it
+once, but also waits for every unrelated dirty page on the filesystem
+(measured: 443 ms with 1 GiB written elsewhere).
+
+Facts about ext4 and XFS that give a third way: their journal is global, so
+committing it for one inode commits every metadata change made before; and
+the commit is written behind a cache flush, so data written to the device
+before it is durable once the commit is. So: ``sync_file_range`` (write and
+wait, no flush) on each blob and on the index, then a small write to a
+marker file and ``fsync`` of the marker: one journal commit and one cache
+flush for the whole checkpoint (measured: 1.1 ms for 100 files, 8 ms for
+1,000). On any other filesystem the obvious way is used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from collections.abc import Callable
+
+from .mounts import mount_table
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
+_WRITE_AND_WAIT = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+
+GLOBAL_JOURNAL = {"ext4", "xfs"}
+
+
+def fs_type(path: str) -> str:
+    """The type of the filesystem holding ``path`` (longest mount prefix)."""
+    path = os.path.realpath(path)
+    best, kind = "", ""
+    for m in mount_table():
+        mp = m.mountpoint.rstrip("/") or "/"
+        if (path == mp or path.startswith(mp + "/") or mp == "/") and len(mp) >= len(best):
+            best, kind = mp, m.fstype
+    return kind
+
+
+def _range(fd: int, flags: int) -> None:
+    if _sync_file_range(fd, 0, 0, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"sync_file_range: {os.strerror(err)}")
+
+
+class Flusher:
+    def __init__(self, store: str, blob_dir_fd: int, index_file: str) -> None:
+        self.kind = fs_type(store)
+        self.journaled = self.kind in GLOBAL_JOURNAL
+        self.blob_dir_fd = blob_dir_fd
+        self.index_file = index_file
+        self.marker = os.open(os.path.join(store, "durable.marker"),
+                              os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.count = 0
+
+    def flush(self, blob_names: list[str], sync_index: Callable[[], None]) -> None:
+        """Make the blobs and the index durable, the blobs first."""
+        fds = []
+        try:
+            for name in blob_names:
+                try:
+                    fds.append(os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.blob_dir_fd))
+                except FileNotFoundError:
+                    continue  # deleted since: nothing refers to it
+            if not fds:
+                sync_index()  # one fdatasync: nothing else to order
+            elif self.journaled:
+                idx = os.open(self.index_file, os.O_RDONLY | os.O_CLOEXEC)
+                fds.append(idx)
+                for fd in fds:  # start every write-out, then wait: the I/O overlaps
+                    _range(fd, SYNC_FILE_RANGE_WRITE)
+                for fd in fds:
+                    _range(fd, _WRITE_AND_WAIT)
+                self.count += 1
+                os.pwrite(self.marker, struct.pack("<Q", self.count), 0)
+                os.fsync(self.marker)
+            else:
+                for fd in fds:
+                    os.fdatasync(fd)
+                os.fsync(self.blob_dir_fd)
+                sync_index()
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def close(self) -> None:
+        os.close(self.marker)
