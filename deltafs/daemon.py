@@ -65,6 +65,7 @@ class Filesystem:
             self.idx.sync()
         else:
             self.idx.load()
+            self.blobs.delete(self.view.collect())
             self._sweep_blobs()
             self.view.recover_sizes()
             with self.idx.begin() as txn:
@@ -97,14 +98,12 @@ class Filesystem:
                     "sync_ms": (t2 - t1) * 1e3, "synced_files": len(unsynced)}
         if op == "rollback":
             t0 = time.perf_counter()
-            changed, garbage = view.rollback(_cid(req.get("id")))
+            changed = view.rollback(_cid(req.get("id")))
             t1 = time.perf_counter()
             n = await trio.to_thread.run_sync(invalidate, changed)
             t2 = time.perf_counter()
-            if garbage and self.nursery is not None:
-                # Nothing refers to these any more; a crash before they are
-                # gone leaves files that the next mount sweeps away.
-                self.nursery.start_soon(trio.to_thread.run_sync, self.blobs.delete, garbage)
+            if self.nursery is not None:
+                self.nursery.start_soon(self._collect)
             return {"invalidated": n, "ms": (t2 - t0) * 1e3, "switch_ms": (t1 - t0) * 1e3,
                     "invalidate_ms": (t2 - t1) * 1e3}
         if op == "list":
@@ -121,6 +120,14 @@ class Filesystem:
         if op == "unmount":
             return None
         raise DeltaFSError(f"unknown control operation {op!r}")
+
+    async def _collect(self) -> None:
+        """Delete the layer a rollback discarded, after the caller has its
+        answer. A crash before this runs is finished by the next mount."""
+        await trio.sleep(0)
+        garbage = self.view.collect()
+        if garbage:
+            await trio.to_thread.run_sync(self.blobs.delete, garbage)
 
     def _make_durable(self, unsynced: set[int]) -> None:
         self.flusher.flush([self.blobs.name(b) for b in sorted(unsynced)], self.idx.sync)

@@ -608,11 +608,12 @@ class View:
                 f"no checkpoint {cid}: run 'deltafs list MOUNTPOINT' to see the checkpoints")
         return lay
 
-    def rollback(self, cid: int) -> tuple[list[tuple[bytes, bytes]], list[int]]:
+    def rollback(self, cid: int) -> list[tuple[bytes, bytes]]:
         """Make the live state an empty layer on top of checkpoint ``cid``.
         Returns what differs between the old and the new view, as
-        ``(table, prefix)``, for the kernel's caches, and the blobs of the
-        discarded layer, for the caller to delete off the critical path."""
+        ``(table, prefix)``, for the kernel's caches. The discarded live
+        layer is only marked dropped here: ``collect()`` deletes its keys
+        and blobs later, off the critical path (or at the next mount)."""
         self.checkpoint_layer(cid)
         idx = self.idx
         old = idx.layers[idx.live]
@@ -621,12 +622,11 @@ class View:
         with idx.begin(write=True) as txn:
             for lid in old_chain ^ new_chain:
                 changed.update(c for c in idx.changes(txn, lid) if c[0] != b"b")
-            blobs = idx.delete_layer_keys(txn, old.id)
+            old.flags |= L_DROPPED
+            idx.put_layer(txn, old)
             new = Layer(idx.next_id(txn, b"next_layer"), cid, 0, time.time_ns())
             idx.put_layer(txn, new)
             txn.put(b"live", u64(new.id), db=idx.meta)
-        del idx.layers[old.id]
-        idx.layers[old.parent].children.discard(old.id)
         idx.layers[new.id] = new
         idx.layers[cid].children.add(new.id)
         idx.set_live(new.id)
@@ -637,19 +637,23 @@ class View:
         self.epoch += 1
         for od in self.files.values():
             od.owner = 0
-        return sorted(changed), blobs
+        return sorted(changed)
 
     def drop(self, cid: int) -> None:
         lay = self.checkpoint_layer(cid)
         lay.flags |= L_DROPPED
         with self._write() as txn:
             self.idx.put_layer(txn, lay)
-        self.collect()
+        self.blobs.delete(self.collect())
 
-    def collect(self) -> None:
+    def collect(self) -> list[int]:
         """Free dropped layers: delete a leaf, merge one with a single child
-        into that child; a layer with several children stays until they go."""
+        into that child; a layer with several children stays until they go.
+        Returns the blobs that nothing refers to any more, for the caller to
+        delete."""
         idx = self.idx
+        garbage: list[int] = []
+        merged = False
         progress = True
         while progress:
             progress = False
@@ -666,15 +670,18 @@ class View:
                         child.parent = lay.parent
                         idx.put_layer(txn, child)
                         blobs = []
+                        merged = True
                         if lay.parent:
                             idx.layers[lay.parent].children.add(cid)
                 if lay.parent:
                     idx.layers[lay.parent].children.discard(lay.id)
                 del idx.layers[lay.id]
-                self.blobs.delete(blobs)
+                garbage.extend(blobs)
                 progress = True
-        idx.set_live(idx.live)
-        self.clear_caches()  # merged versions now carry other layer ids
+        if merged:
+            idx.set_live(idx.live)
+            self.clear_caches()  # merged versions now carry other layer ids
+        return garbage
 
     def _shown_parent(self, lid: int) -> int | None:
         p = self.idx.layers[lid].parent
