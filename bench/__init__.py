@@ -1,0 +1,1 @@
+"""DeltaBox benchmarks: each module prints tables and writes JSON under bench/results/."""
