@@ -51,6 +51,7 @@ class Filesystem:
         self.blobs = Blobs(store, base_fd)
         self.view = View(self.idx, self.blobs)
         self.flusher = Flusher(store, self.blobs.dir_fd, os.path.join(store, "index", "data.mdb"))
+        self.view.on_written_close = self.flusher.start_writeback
         self.nursery: trio.Nursery | None = None  # set while serving
         if self.idx.is_new():
             with self.idx.begin(write=True) as txn:

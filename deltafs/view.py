@@ -25,7 +25,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +84,10 @@ class View:
         self.orphans: dict[int, Inode] = {}  # unlinked while open: fstat still works
         self.epoch = 0
         self.unsynced: set[int] = set()  # blobs written since the last checkpoint
+        # Called with the descriptor of a blob that was written, when its
+        # last handle closes: the daemon starts writing it to disk then, so
+        # that the next checkpoint has less to wait for.
+        self.on_written_close: Callable[[int], None] | None = None
 
     # -- reading ---------------------------------------------------------------
 
@@ -479,6 +483,8 @@ class View:
         if od.refs <= 0:
             if not od.orphan:
                 self.flush_dirty(od.ino)
+                if od.blob in self.unsynced and self.on_written_close is not None:
+                    self.on_written_close(od.fd)
             if od.fd >= 0:
                 os.close(od.fd)
             if self.files.get(od.ino) is od:
