@@ -41,7 +41,7 @@ shift || true
 case "$cmd" in
     demo)
         setup
-        exec .venv/bin/python -m integration.demo "$@"
+        exec .venv/bin/deltabox demo "$@"
         ;;
     test)
         setup

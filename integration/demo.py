@@ -1,10 +1,12 @@
-"""The README's main job, until the sandbox lands: a small tree search over a
-real repository on DeltaFS.
+"""``deltabox demo``: a small agent tree search in a sandbox.
 
-An "agent" tries several patches of a Django tree (or a generated stand-in
-when Django cannot be downloaded), runs a real check in a bash shell for
-each, rolls back to any earlier node of the tree, keeps the best branch and
-branches again from there. It prints the checkpoint tree and a timing table.
+The sandbox is a DeltaFS mount over an unpacked Django 5.2.17 (or a
+generated repository when Django cannot be downloaded) with a bash shell and
+a Python REPL working in it. The "agent" expands the best node of the tree a
+few times: roll back to it (files AND both processes), let the shell patch a
+file, let the REPL import the patched module and score it, checkpoint. Some
+patches are buggy; the search keeps the best branch, backtracks to any node
+and branches again. At the end it prints the state tree and a timing table.
 """
 
 from __future__ import annotations
@@ -13,132 +15,99 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
-import deltafs
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .repos import django_tree
+from .sandbox import Proc, Sandbox
 
 
 @dataclass
 class Node:
-    cid: int
+    state: int
     parent: int | None
     label: str
     score: int
 
 
-def _repo(workdir: str) -> tuple[str, str, str]:
-    """(tree, file to patch, module to import) for the demo repository."""
-    sys.path.insert(0, REPO_ROOT)
-    from bench._common import django_tree  # the cached wheel, or a generated tree
-
-    tree = os.path.join(workdir, "repo")
-    deps = os.path.join(workdir, "deps")
-    info = django_tree(tree, deps)
-    if info["fallback"]:
-        return tree, "genpkg/p0/m1.py", "genpkg.p0.m1"
-    return tree, "django/utils/text.py", "django.utils.text"
+def _ask(p: Proc, line: str, marker: str) -> str:
+    p.send(line)
+    return p.expect(marker + "\n").decode()[: -len(marker) - 1].strip()
 
 
-def _check(shell: subprocess.Popen[str], mnt: str, module: str) -> int:
-    """Run the 'test suite' of the demo in the shell: import the patched
-    module and count how many of the demo's helper functions work."""
-    script = (f"cd {mnt} && python3 -c 'import {module} as m; "
-              "print(sum(1 for i in range(5) if getattr(m, f\"demo_{i}\", lambda: 0)() == i))' "
-              "2>/dev/null || echo 0\n")
-    assert shell.stdin is not None and shell.stdout is not None
-    shell.stdin.write(script + "echo __done__\n")
-    shell.stdin.flush()
-    out = []
-    while True:
-        line = shell.stdout.readline()
-        if not line or line.strip() == "__done__":
-            break
-        out.append(line.strip())
-    return int(out[-1]) if out and out[-1].isdigit() else 0
-
-
-def run(branches: int, depth: int) -> int:
-    workdir = tempfile.mkdtemp(prefix="deltabox-demo-")
-    mnt = os.path.join(workdir, "mnt")
-    os.mkdir(mnt)
-    m: deltafs.Mount | None = None
-    shell: subprocess.Popen[str] | None = None
+def run(branches: int = 3, depth: int = 4) -> int:
+    work = tempfile.mkdtemp(prefix="deltabox-demo-")
     try:
         print("Preparing the repository ...", flush=True)
-        tree, target, module = _repo(workdir)
-        t0 = time.perf_counter()
-        m = deltafs.mount(mnt, base=tree, store=os.path.join(workdir, "store"))
-        print(f"Mounted DeltaFS over {tree} ({sum(len(f) for _, _, f in os.walk(tree))} files) "
-              f"at {mnt} in {(time.perf_counter() - t0) * 1e3:.0f} ms\n")
-        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=os.path.join(workdir, "deps"))
-        shell = subprocess.Popen(["bash"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 text=True, cwd=mnt, env=env)
-        ck_ms: list[float] = []
-        rb_ms: list[float] = []
+        info = django_tree(os.path.join(work, "repo"), os.path.join(work, "deps"))
+        if info["fallback"]:
+            target, module = "genpkg/p0/m1.py", "genpkg.p0.m1"
+        else:
+            target, module = "django/utils/text.py", "django.utils.text"
+        print(f"Repository: {info['source']}, {info['files']} files")
+        with Sandbox(os.path.join(work, "repo"), workdir=os.path.join(work, "sandbox")) as sb:
+            env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1",
+                       PYTHONPATH=os.path.join(work, "deps"))
+            sh = sb.spawn(["bash", "--norc", "--noprofile"], name="bash", env=env)
+            py = sb.spawn([sys.executable, "-u", "-q", "-i"], name="python", env=env)
+            _ask(sh, "echo ok\n", "ok")
+            _ask(py, "import sys, importlib; sys.ps1 = sys.ps2 = ''; print('ok')\n", "ok")
+            print(f"Sandbox at {sb.root}: bash pid {sh.pid}, python pid {py.pid}\n")
 
-        def checkpoint(label: str) -> int:
-            t = time.perf_counter()
-            cid = m.checkpoint(label)  # type: ignore[union-attr]
-            ck_ms.append((time.perf_counter() - t) * 1e3)
-            return cid
+            def score() -> int:
+                # The REPL keeps state across the search: a counter of how
+                # many evaluations this branch of the REPL has done.
+                out = _ask(py, f"evals = globals().get('evals', 0) + 1; sys.modules.pop({module!r}, None); "
+                               f"m = importlib.import_module({module!r}); "
+                               "print(sum(1 for i in range(50) if getattr(m, f'demo_{i}', lambda: -1)() == i)); "
+                               "print('done')\n", "done")
+                return int(out.splitlines()[-1])
 
-        def rollback(cid: int) -> None:
-            t = time.perf_counter()
-            m.rollback(cid)  # type: ignore[union-attr]
-            rb_ms.append((time.perf_counter() - t) * 1e3)
-
-        root = Node(checkpoint("root"), None, "root", _check(shell, mnt, module))
-        nodes = [root]
-        best = root
-        path = os.path.join(mnt, target)
-        for level in range(depth):
-            children = []
-            for b in range(branches):
-                rollback(best.cid)  # back to the node we expand, from wherever we are
-                # The "agent action": append one helper; some attempts are buggy.
-                k = best.score
-                good = (b + level) % 3 != 1
-                body = f"return {k}" if good else f"return {k} + 1  # off by one"
-                with open(path, "a") as f:
-                    f.write(f"\n\ndef demo_{k}():\n    {body}\n")
-                score = _check(shell, mnt, module)
-                node = Node(checkpoint(f"L{level + 1} try {b + 1}: demo_{k} "
-                                       f"{'ok' if good else 'buggy'}"), best.cid, "", score)
-                children.append(node)
-            nodes.extend(children)
-            best = max(children, key=lambda n: (n.score, -n.cid))
-            print(f"level {level + 1}: tried {branches} patches, scores "
-                  f"{[c.score for c in children]}, keep checkpoint {best.cid}")
-        rollback(best.cid)
-        final = _check(shell, mnt, module)
-        diff = m.diff(root.cid)
-        print(f"\nRolled back to the best leaf {best.cid}: score {final}; "
-              f"changed since root: {diff.modified + diff.added}\n")
-        print("Checkpoint tree (deltafs list):")
-        for c in m.list():
-            mark = "  <- live" if c.current else ""
-            print(f"  {c.id:>4}  parent {str(c.parent or '-'):>4}  {c.label}{mark}")
-        print("\nTiming (ms, measured by the caller through the Python API):")
-        print(f"  {'operation':<12}{'count':>7}{'median':>10}{'max':>10}")
-        for name, xs in (("checkpoint", ck_ms), ("rollback", rb_ms)):
-            print(f"  {name:<12}{len(xs):>7}{statistics.median(xs):>10.2f}{max(xs):>10.2f}")
-        return 0 if final == best.score else 1
+            ck: list[float] = []
+            rb: list[float] = []
+            root = Node(sb.checkpoint("root").id, None, "root", score())
+            nodes = [root]
+            best = root
+            for level in range(depth):
+                children = []
+                for b in range(branches):
+                    r = sb.rollback(best.state)
+                    rb.append(r.ms)
+                    k = best.score
+                    good = (b + level) % 3 != 1
+                    body = f"return {k}" if good else f"return {k} + 1  # off by one"
+                    _ask(sh, f"printf '\\n\\ndef demo_{k}():\\n    {body}\\n' >> {target}; "
+                             "echo patched\n", "patched")
+                    s = score()
+                    c = sb.checkpoint(f"L{level + 1}.{b + 1}: demo_{k} {'ok' if good else 'buggy'}")
+                    ck.append(c.critical_ms)
+                    children.append(Node(c.id, best.state, "", s))
+                nodes += children
+                best = max(children, key=lambda n: (n.score, -n.state))
+                print(f"level {level + 1}: tried {branches} patches, scores "
+                      f"{[c.score for c in children]}; keep state {best.state}")
+            r = sb.rollback(best.state)
+            rb.append(r.ms)
+            final = score()
+            evals = _ask(py, "print(evals); print('done')\n", "done").splitlines()[-1]
+            diff = sb.diff(root.state)
+            print(f"\nBack at the best leaf {best.state}: score {final}, the REPL there has done "
+                  f"{evals} evaluations (its own branch's history); changed since root: "
+                  f"{diff.modified + diff.added}\n")
+            print("State tree:")
+            for st in sb.states():
+                mark = "  <- current" if st.current else ""
+                print(f"  {st.id:>3}  parent {str(st.parent or '-'):>3}  {st.label}{mark}")
+            sb.wait_background()
+            print("\nTiming (ms; the caller's critical path, files + bash + python):")
+            print(f"  {'operation':<12}{'count':>7}{'median':>10}{'max':>10}")
+            for name, xs in (("checkpoint", ck), ("rollback", rb)):
+                print(f"  {name:<12}{len(xs):>7}{statistics.median(xs):>10.2f}{max(xs):>10.2f}")
+            return 0 if final == best.score else 1
     finally:
-        if shell is not None:
-            shell.kill()
-            shell.wait()
-        if m is not None:
-            try:
-                m.unmount()
-            except deltafs.DeltaFSError:
-                deltafs.force_unmount(mnt)
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--branches", type=int, default=3)
     p.add_argument("--depth", type=int, default=4)
     a = p.parse_args(argv)
-    return run(a.branches, a.depth)
+    t = time.perf_counter()
+    rc = run(a.branches, a.depth)
+    print(f"\nDemo finished in {time.perf_counter() - t:.1f} s")
+    return rc
 
 
 if __name__ == "__main__":

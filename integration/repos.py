@@ -22,7 +22,7 @@ DJANGO = "django==5.2.17"
 DJANGO_DEPS = ("asgiref==3.13.0", "sqlparse==0.6.1")
 
 
-def _pip_download(spec: str) -> str | None:
+def pip_download(spec: str) -> str | None:
     """The cached wheel for ``spec`` (name==version), downloading it once."""
     name, _, version = spec.partition("==")
     want = f"{name.replace('-', '_')}-{version}-"
@@ -56,8 +56,8 @@ def django_tree(dest: str, deps_dir: str) -> dict[str, Any]:
     """Unpack Django 5.2.17 into ``dest`` (and its two runtime dependencies
     into ``deps_dir``). Falls back to a generated tree, loudly, when the wheel
     cannot be had. Returns what the workload needs to know about the tree."""
-    wheel = _pip_download(DJANGO)
-    deps = [_pip_download(d) for d in DJANGO_DEPS] if wheel else []
+    wheel = pip_download(DJANGO)
+    deps = [pip_download(d) for d in DJANGO_DEPS] if wheel else []
     if wheel and all(deps):
         _unzip(wheel, dest)
         for d in deps:

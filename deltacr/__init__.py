@@ -1,0 +1,51 @@
+"""deltacr: checkpoint and roll back a running process without kernel patches.
+
+A checkpoint stops the process with ptrace, injects ``fork()`` into it and keeps
+the stopped child as a *template*: a frozen copy-on-write image of the whole
+process, taken in about the time of a fork. Registers, file offsets, cwd and
+signal mask are recorded; the process resumes. Afterwards, off the critical
+path, a background thread reads the pages written since the parent checkpoint
+(found by PAGEMAP_SCAN + userfaultfd write-protect, soft-dirty, or content
+comparison, or -- backend ``pfn`` -- by comparing the page frames of two
+frozen templates) from the template and writes them, with the mapping layout,
+as a versioned, checksummed *memory delta* (:mod:`deltacr.delta`).
+
+A rollback forks a fresh process out of the checkpoint's template, gives it the
+saved registers (fixing up interrupted syscalls so they restart), restores fd
+offsets with injected ``lseek`` and replaces the old live process: the *fast
+path*. Templates are bounded (:mod:`deltacr.templates`); when a checkpoint's
+template was evicted, the *slow path* forks the nearest ancestor that still has
+one and replays mapping changes and page deltas into it (:mod:`deltacr.replay`),
+bit-identical to the fast path. Checkpoints form a tree: roll back to any node.
+An experimental third way, ``rollback(id, in_place=True)``, restores the live
+process itself (same pid), copying back only the pages that differ.
+
+Layout: ``_sys`` (all raw syscalls and constants), ``procfs`` (reading /proc),
+``inject`` (syscall injection), ``dirty`` (tracking backends), ``delta`` (file
+format), ``writer`` (background delta writing), ``replay`` (slow path),
+``restore`` (fds, cwd, signal mask),
+``templates`` (pool and eviction), ``session`` (the tree and its store),
+``tracer`` (:class:`ProcessCheckpointer`, the in-process API), ``daemon`` and
+``client`` (the background daemon used by the CLI), ``cli``, ``check``.
+
+Limits: single-threaded processes only (fork copies one thread); MAP_SHARED
+memory is shared by all templates and not checkpointed; sockets and pipes are
+kept as they are (a harness talking over pipes keeps working).
+"""
+
+from .check import CheckReport, available_backends, check
+from .client import Client, attach
+from .delta import DeltaInfo, read_delta
+from .errors import (AlreadyTraced, DaemonError, DeltaCRError, DeltaFormatError, InjectionFailed,
+                     MultiThreaded, NoSuchCheckpoint, NoSuchProcess, NotAttached, NotPermitted,
+                     ProcessGone, ProcessIsZombie, RestoreFailed)
+from .session import CheckpointInfo
+from .tracer import CheckpointResult, ProcessCheckpointer, RollbackResult
+
+__all__ = [
+    "AlreadyTraced", "CheckReport", "CheckpointInfo", "CheckpointResult", "Client", "DaemonError",
+    "DeltaCRError", "DeltaFormatError", "DeltaInfo", "InjectionFailed", "MultiThreaded",
+    "NoSuchCheckpoint", "NoSuchProcess", "NotAttached", "NotPermitted", "ProcessCheckpointer",
+    "ProcessGone", "ProcessIsZombie", "RestoreFailed", "RollbackResult", "attach",
+    "available_backends", "check", "read_delta",
+]

@@ -1,0 +1,287 @@
+"""Syscall injection into a stopped tracee ("swap, run, restore").
+
+All functions here make ptrace calls: call them only from the thread that
+attached to the tracee.
+
+How an injection works: the tracee is in a ptrace-stop. We take a copy of the
+registers we will restore later, point ``rip`` at a ``syscall`` instruction
+(bytes ``0f 05``; we find one in the vDSO, which every process has and which a
+fork keeps at the same address), put the syscall number and arguments in
+``rax, rdi, rsi, rdx, r10, r8, r9``, set ``orig_rax = -1`` so the kernel does
+not apply its own syscall-restart logic to our registers, and single-step:
+the tracee executes exactly the one instruction and traps. ``rax`` then holds
+the result.
+
+Syscall restart. A process stopped inside a blocking syscall (a REPL waiting in
+``read()``) shows ``rax`` = -ERESTARTSYS/-ERESTARTNOINTR/-ERESTARTNOHAND: it must
+resume with ``rip -= 2`` and ``rax = orig_rax`` so the syscall runs again; for
+-ERESTART_RESTARTBLOCK with ``rax = restart_syscall``. Restoring raw saved
+registers after an injection leaks the -512 to userspace (the kernel's own fixup
+runs only on the signal path). :func:`resumable_regs` applies the fix; every
+process forked from a template needs it too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from . import _sys
+from ._sys import Regs, signed
+from .errors import InjectionFailed, ProcessGone
+
+_STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+def find_syscall_insn(pid: int) -> int:
+    """Address of a ``syscall`` instruction in pid's vDSO."""
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            if line.rstrip().endswith("[vdso]"):
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                break
+        else:
+            raise InjectionFailed(f"pid {pid} has no [vdso] mapping: cannot find a syscall instruction")
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        mem.seek(lo)
+        code = mem.read(hi - lo)
+    idx = code.find(b"\x0f\x05")
+    if idx < 0:
+        raise InjectionFailed(f"pid {pid}: no syscall instruction in its vDSO")
+    return lo + idx
+
+
+def resumable_regs(regs: Regs) -> Regs:
+    """Registers to resume with so that an interrupted syscall restarts."""
+    r = regs.copy()
+    if signed(r.orig_rax) >= 0:
+        err = -signed(r.rax)
+        if err in (_sys.ERESTARTSYS, _sys.ERESTARTNOINTR, _sys.ERESTARTNOHAND):
+            r.rax = r.orig_rax
+            r.rip -= 2
+        elif err == _sys.ERESTART_RESTARTBLOCK:
+            r.rax = _sys.SYS_restart_syscall
+            r.rip -= 2
+    return r
+
+
+def _gone(pid: int, status: int) -> ProcessGone:
+    if os.WIFSIGNALED(status):
+        how = f"was killed by signal {os.WTERMSIG(status)}"
+    else:
+        how = f"exited with status {os.WEXITSTATUS(status)}"
+    return ProcessGone(f"pid {pid} {how}")
+
+
+def seize(pid: int, options: int) -> None:
+    _sys.ptrace(_sys.PTRACE_SEIZE, pid, 0, options)
+
+
+def set_options(pid: int, options: int) -> None:
+    _sys.ptrace(_sys.PTRACE_SETOPTIONS, pid, 0, options)
+
+
+def interrupt(pid: int, execs: list[int] | None = None) -> list[int]:
+    """Stop a running seized tracee. Returns signals that arrived meanwhile
+    (suppressed here; re-send them with :func:`resume`). An execve seen on the
+    way (PTRACE_EVENT_EXEC) is appended to ``execs``."""
+    pending: list[int] = []
+    _sys.ptrace(_sys.PTRACE_INTERRUPT, pid)
+    while True:
+        status = _wait_stop(pid)
+        if status is None:
+            return pending  # in a trace stop whose event someone else collected
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            raise _gone(pid, status)
+        sig = os.WSTOPSIG(status)
+        event = status >> 16
+        if event == _sys.PTRACE_EVENT_STOP:
+            return pending
+        if event == 0 and sig != signal.SIGTRAP:
+            pending.append(sig)
+        if event == _sys.PTRACE_EVENT_EXEC and execs is not None:
+            execs.append(pid)
+        _sys.ptrace(_sys.PTRACE_CONT, pid, 0, 0)
+
+
+def _wait_stop(pid: int) -> int | None:
+    """Wait for the next event of a tracee that was asked to stop. Seen here,
+    rarely: a PTRACE_INTERRUPT sent right after PTRACE_SEIZE, while the process
+    is finishing an execve, never produces a stop. So poll: re-send the
+    interrupt when nothing came for a second, and accept a trace stop that
+    /proc shows but whose wait event was taken already (returns None)."""
+    t0 = last = time.monotonic()
+    delay = 0.00005
+    while True:
+        wpid, status = _sys.waitpid(pid, _sys.WNOHANG)
+        if wpid:
+            return status
+        now = time.monotonic()
+        if now - t0 > 0.05:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    state = f.read().rsplit(b")", 1)[1].split()[0]
+            except FileNotFoundError:
+                state = b"X"
+            if state == b"t" and now - t0 > 0.2:
+                return None
+            if now - last > 1.0:
+                last = now
+                try:
+                    _sys.ptrace(_sys.PTRACE_INTERRUPT, pid)
+                except OSError:
+                    pass
+        time.sleep(delay)
+        delay = min(delay * 2, 0.002)
+
+
+def resume(pid: int, regs: Regs | None, pending: list[int] = []) -> None:  # noqa: B006
+    """Set regs (if given) and let the tracee run; re-send pending signals."""
+    if regs is not None:
+        _sys.ptrace_setregs(pid, regs)
+    _sys.ptrace(_sys.PTRACE_CONT, pid, 0, 0)
+    for sig in pending:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _step(pid: int, syscall_addr: int) -> Regs:
+    """Single-step the syscall instruction; returns the registers after it."""
+    _sys.ptrace(_sys.PTRACE_SINGLESTEP, pid, 0, 0)
+    while True:
+        _, status = _sys.waitpid(pid)
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            raise _gone(pid, status)
+        sig = os.WSTOPSIG(status)
+        if (status >> 16) == 0 and sig == signal.SIGTRAP:
+            regs = _sys.ptrace_getregs(pid)
+            if regs.rip != syscall_addr + 2:
+                raise InjectionFailed(
+                    f"pid {pid}: injected syscall trapped at {regs.rip:#x}, expected {syscall_addr + 2:#x}")
+            return regs
+        # Another signal or a job-control/interrupt stop arrived before the
+        # instruction ran (a synchronous SIGTRAP would have been reported first):
+        # step again. The signal is dropped; real programs rarely get one here.
+        _sys.ptrace(_sys.PTRACE_SINGLESTEP, pid, 0, 0)
+
+
+def syscall(pid: int, base: Regs, syscall_addr: int, nr: int, *args: int) -> int:
+    """Run one syscall in the stopped tracee; returns its (signed) result.
+
+    The tracee's registers are left changed: the caller restores them.
+    """
+    regs = base.copy()
+    regs.rax = nr
+    regs.orig_rax = _sys.unsigned(-1)
+    regs.rip = syscall_addr
+    for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
+        setattr(regs, name, _sys.unsigned(value))
+    _sys.ptrace_setregs(pid, regs)
+    return signed(_step(pid, syscall_addr).rax)
+
+
+def checked_syscall(pid: int, base: Regs, syscall_addr: int, nr: int, *args: int, what: str = "") -> int:
+    res = syscall(pid, base, syscall_addr, nr, *args)
+    if -4096 < res < 0:
+        raise InjectionFailed(
+            f"pid {pid}: injected {what or f'syscall {nr}'} failed: {os.strerror(-res)}")
+    return res
+
+
+def fork(pid: int, base: Regs, syscall_addr: int) -> int:
+    """Inject fork() (the tracee must have PTRACE_O_TRACEFORK set).
+
+    Returns the child's pid; the child is traced and left in its initial
+    PTRACE_EVENT_STOP, an exact copy-on-write image of the tracee.
+    """
+    regs = base.copy()
+    regs.rax = _sys.SYS_fork
+    regs.orig_rax = _sys.unsigned(-1)
+    regs.rip = syscall_addr
+    _sys.ptrace_setregs(pid, regs)
+    _sys.ptrace(_sys.PTRACE_SINGLESTEP, pid, 0, 0)
+    child = 0
+    while True:
+        _, status = _sys.waitpid(pid)
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            raise _gone(pid, status)
+        sig = os.WSTOPSIG(status)
+        event = status >> 16
+        if event == _sys.PTRACE_EVENT_FORK:
+            child = _sys.ptrace_geteventmsg(pid)
+            _sys.ptrace(_sys.PTRACE_SINGLESTEP, pid, 0, 0)
+            continue
+        if event == 0 and sig == signal.SIGTRAP:
+            res = signed(_sys.ptrace_getregs(pid).rax)
+            if res < 0:
+                raise InjectionFailed(f"pid {pid}: injected fork() failed: {os.strerror(-res)}")
+            if child == 0:
+                child = res
+            break
+        _sys.ptrace(_sys.PTRACE_SINGLESTEP, pid, 0, 0)
+    while True:
+        _, status = _sys.waitpid(child)
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            raise InjectionFailed(f"pid {pid}: the forked child {child} died before its first stop")
+        if os.WIFSTOPPED(status):
+            return child
+
+
+def kill_and_reap(pid: int) -> None:
+    """SIGKILL a tracee and collect its exit (tracer side)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    try:
+        while True:
+            _, status = _sys.waitpid(pid)
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                return
+    except ChildProcessError:
+        return
+
+
+def detach(pid: int, pending: list[int] = []) -> None:  # noqa: B006
+    """Detach a stopped tracee and let it run."""
+    _sys.ptrace(_sys.PTRACE_DETACH, pid, 0, 0)
+    for sig in pending:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def service(pid: int) -> tuple[str, int]:
+    """Handle at most one pending event of a running tracee, without blocking.
+
+    Returns ("none"|"handled"|"exec"|"exited", status). Signals are passed on;
+    stray SIGTRAPs from our own single-steps are dropped; job-control stops are
+    kept with PTRACE_LISTEN.
+    """
+    try:
+        wpid, status = _sys.waitpid(pid, _sys.WNOHANG)
+    except ChildProcessError:
+        return "exited", 0
+    if wpid == 0:
+        return "none", 0
+    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        return "exited", status
+    sig = os.WSTOPSIG(status)
+    event = status >> 16
+    try:
+        if event == _sys.PTRACE_EVENT_STOP:
+            if sig in _STOP_SIGNALS:
+                _sys.ptrace(_sys.PTRACE_LISTEN, pid, 0, 0)
+            else:
+                _sys.ptrace(_sys.PTRACE_CONT, pid, 0, 0)
+        elif event == 0:
+            _sys.ptrace(_sys.PTRACE_CONT, pid, 0, 0 if sig == signal.SIGTRAP else sig)
+        else:
+            _sys.ptrace(_sys.PTRACE_CONT, pid, 0, 0)
+    except ProcessLookupError:
+        pass
+    return ("exec" if event == _sys.PTRACE_EVENT_EXEC else "handled"), status

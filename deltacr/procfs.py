@@ -1,0 +1,219 @@
+"""Reading a process's state from /proc: status, memory layout, fd offsets."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from .errors import NoSuchProcess
+
+SPECIAL_VMAS = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
+
+
+@dataclass(frozen=True)
+class Vma:
+    """One line of /proc/PID/maps."""
+
+    start: int
+    end: int
+    perms: str  # e.g. "rw-p"
+    offset: int
+    path: str
+
+    @property
+    def prot(self) -> int:
+        return (1 if self.perms[0] == "r" else 0) | (2 if self.perms[1] == "w" else 0) | (
+            4 if self.perms[2] == "x" else 0)
+
+    @property
+    def private(self) -> bool:
+        return self.perms[3] == "p"
+
+    @property
+    def writable(self) -> bool:
+        return self.perms[1] == "w"
+
+    @property
+    def special(self) -> bool:
+        return self.path in SPECIAL_VMAS
+
+    @property
+    def anonymous(self) -> bool:
+        return self.path == "" or self.path.startswith("[")
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    pid: int
+    state: str
+    ppid: int
+    pgrp: int
+    starttime: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class FdPos:
+    """An open fd: what it points to and, for regular files, the offset of its
+    open file description (shared with templates, so recorded at checkpoint)."""
+
+    fd: int
+    pos: int
+    flags: int
+    path: str
+    regular: bool = False
+
+
+PF_KTHREAD = 0x00200000
+
+
+def read_stat(pid: int) -> ProcStat:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(f"pid {pid} does not exist: check the pid (ps -p {pid})") from None
+    rest = data[data.rindex(")") + 2:].split()
+    return ProcStat(pid=pid, state=rest[0], ppid=int(rest[1]), pgrp=int(rest[2]),
+                    flags=int(rest[6]), starttime=int(rest[19]))
+
+
+def read_status(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            lines = f.read().splitlines()
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(f"pid {pid} does not exist: check the pid (ps -p {pid})") from None
+    out = {}
+    for line in lines:
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def thread_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(f"pid {pid} does not exist") from None
+
+
+def tracer_pid(pid: int) -> int:
+    return int(read_status(pid).get("TracerPid", "0"))
+
+
+def signal_mask(pid: int) -> int:
+    return int(read_status(pid)["SigBlk"], 16)
+
+
+def read_maps(pid: int) -> list[Vma]:
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(f"pid {pid} does not exist") from None
+    vmas = []
+    for line in data.decode(errors="surrogateescape").splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 5:
+            continue
+        lo, _, hi = parts[0].partition("-")
+        vmas.append(Vma(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16),
+                        parts[5] if len(parts) > 5 else ""))
+    return vmas
+
+
+def read_fd_positions(pid: int) -> list[FdPos]:
+    """Every open fd of pid; offsets and flags for regular files.
+
+    On the critical path: pipes, sockets and anon inodes are recognised by
+    their link text alone; only paths are stat()ed.
+    """
+    out = []
+    base = f"/proc/{pid}/fd/"
+    try:
+        names = os.listdir(base)
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(f"pid {pid} does not exist") from None
+    for name in names:
+        fd = int(name)
+        try:
+            path = os.readlink(base + name)
+            regular = path[:1] == "/" and not path.startswith("/dev/") and stat.S_ISREG(os.stat(base + name).st_mode)
+            if not regular:
+                out.append(FdPos(fd, 0, 0, path, False))
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+                info = f.read(256)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        # "pos:\t<n>\nflags:\t0<octal>\n..."
+        lines = info.split(b"\n", 2)
+        pos = int(lines[0].split()[1])
+        flags = int(lines[1].split()[1], 8)
+        out.append(FdPos(fd, pos, flags, path, True))
+    out.sort(key=lambda p: p.fd)
+    return out
+
+
+def start_brk(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read().decode(errors="replace")
+    return int(data[data.rindex(")") + 2:].split()[44])
+
+
+def cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(f"pid {pid} does not exist") from None
+
+
+def nofile_limit(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft = line.split()[3]
+                return 1 << 20 if soft == "unlimited" else int(soft)
+    return 1024
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live descendant of pid (one pass over /proc)."""
+    kids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            st = read_stat(int(name))
+        except (NoSuchProcess, ValueError, IndexError, OSError):
+            continue
+        kids.setdefault(st.ppid, []).append(st.pid)
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def zombie_children(pid: int) -> list[int]:
+    """Zombie children of pid (scans /proc: CONFIG_PROC_CHILDREN may be off)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            st = read_stat(int(name))
+        except (NoSuchProcess, ValueError, IndexError):
+            continue
+        if st.ppid == pid and st.state == "Z":
+            out.append(st.pid)
+    return out

@@ -1,0 +1,329 @@
+"""Slow-path restore: rebuild a checkpoint in a process forked from an older
+template by replaying mapping changes and page deltas.
+
+For each delta on the path from the ancestor to the target, in order:
+
+1. move the program break to the delta's (``brk``; the heap is never
+   mmapped/munmapped by hand, so the kernel's idea of the break stays right);
+2. ``munmap`` what is mapped now but not in the delta's layout;
+3. ``mmap(MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS)`` what the layout has and the
+   process lacks (new mappings are recorded wholly in the delta, so an anonymous
+   mapping with their content is bit-identical; shared mappings created after
+   the ancestor come back as private copies);
+4. ``mprotect`` where protections differ;
+5. write the recorded pages through ``/proc/PID/mem`` (zero runs inside a
+   mapping created in step 3 are skipped: they are already zero). Pages are
+   written once, from the newest delta that has them (see :func:`plan`), with
+   file reads and checksums pipelined on a reader thread.
+
+All syscalls are injected by the caller-supplied ``run`` on the tracer thread.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import queue
+import threading
+import zlib
+from dataclasses import dataclass
+
+from . import _sys
+from .delta import KIND_ZERO, DeltaInfo, MapRecord, Run
+from .errors import DeltaFormatError, RestoreFailed
+from .procfs import Vma, read_maps, start_brk
+from .dirty import RunSyscall
+
+Interval = tuple[int, int]
+
+
+def subtract(a: list[Interval], b: list[Interval]) -> list[Interval]:
+    """Parts of intervals a not covered by intervals b (both [start, end))."""
+    b = sorted(b)
+    out: list[Interval] = []
+    for s, e in sorted(a):
+        cur = s
+        for bs, be in b:
+            if be <= cur:
+                continue
+            if bs >= e:
+                break
+            if bs > cur:
+                out.append((cur, bs))
+            cur = max(cur, be)
+            if cur >= e:
+                break
+        if cur < e:
+            out.append((cur, e))
+    return out
+
+
+def merge(ranges: list[Interval]) -> list[Interval]:
+    out: list[Interval] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            if e > out[-1][1]:
+                out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
+def intersect(a: list[Interval], b: list[Interval]) -> list[Interval]:
+    """Intersection of two lists of intervals."""
+    a, b = merge(a), merge(b)
+    out: list[Interval] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        s = max(a[i][0], b[j][0])
+        e = min(a[i][1], b[j][1])
+        if s < e:
+            out.append((s, e))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _is_heap(path: str) -> bool:
+    return path == "[heap]"
+
+
+@dataclass
+class ReplayStats:
+    bytes_written: int = 0  # page data written into the process
+    zero_bytes: int = 0
+    syscalls: int = 0
+    delta_bytes: int = 0  # page data in the replayed deltas (superseded pages included)
+
+
+def reconcile(pid: int, run: RunSyscall, target: list[MapRecord], brk: int, stats: ReplayStats
+              ) -> list[Interval]:
+    """Make pid's layout match ``target``; returns the ranges mapped fresh."""
+
+    def sc(nr: int, *args: int, what: str) -> int:
+        stats.syscalls += 1
+        res = run(nr, *args)
+        if -4096 < res < 0:
+            raise RestoreFailed(f"pid {pid}: slow-path restore: {what} failed: {os.strerror(-res)}")
+        return res
+
+    cur = read_maps(pid)
+    # The heap may be split into several [heap] vmas (uffd registration splits it).
+    want_brk = brk or max((m.end for m in target if _is_heap(m.path)), default=0) or start_brk(pid)
+    have_brk = max((v.end for v in cur if _is_heap(v.path)), default=0) or start_brk(pid)
+    if want_brk != have_brk:
+        got = sc(_sys.SYS_brk, want_brk, what="brk")
+        if got != want_brk:
+            raise RestoreFailed(f"pid {pid}: slow-path restore: brk({want_brk:#x}) gave {got:#x}")
+        cur = read_maps(pid)
+
+    def plain(items: list[Vma] | list[MapRecord]) -> list[Interval]:
+        return [(v.start, v.end) for v in items if not v.special and not _is_heap(v.path)]
+
+    want = plain(target)
+    have = plain(cur)
+    for s, e in merge(subtract(have, want)):
+        sc(_sys.SYS_munmap, s, e - s, what=f"munmap {s:#x}-{e:#x}")
+    fresh: list[Interval] = []
+    for m in target:
+        if m.special or _is_heap(m.path):
+            continue
+        for s, e in subtract([(m.start, m.end)], have):
+            flags = _sys.MAP_FIXED | _sys.MAP_PRIVATE | _sys.MAP_ANONYMOUS
+            got = sc(_sys.SYS_mmap, s, e - s, m.prot, flags, -1, 0, what=f"mmap {s:#x}-{e:#x}")
+            if got != s:
+                raise RestoreFailed(f"pid {pid}: slow-path restore: mmap at {s:#x} landed at {got:#x}")
+            fresh.append((s, e))
+    # protections
+    cur = read_maps(pid)
+    for m in target:
+        if m.special:
+            continue
+        for v in cur:
+            if v.end <= m.start or v.start >= m.end or v.prot == m.prot:
+                continue
+            s, e = max(v.start, m.start), min(v.end, m.end)
+            sc(_sys.SYS_mprotect, s, e - s, m.prot, what=f"mprotect {s:#x}-{e:#x}")
+    return fresh
+
+
+class _Cover:
+    """A growing set of disjoint intervals, with "which parts of [s, e) are new"."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def add_uncovered(self, s: int, e: int) -> list[Interval]:
+        """Add [s, e); return the parts that were not covered before."""
+        i = bisect.bisect_right(self.ends, s)  # first interval ending after s
+        out: list[Interval] = []
+        cur = s
+        j = i
+        while j < len(self.starts) and self.starts[j] < e:
+            if self.starts[j] > cur:
+                out.append((cur, self.starts[j]))
+            cur = max(cur, self.ends[j])
+            j += 1
+        if cur < e:
+            out.append((cur, e))
+        ns = min(s, self.starts[i]) if i < j else s
+        ne = max(e, self.ends[j - 1]) if i < j else e
+        self.starts[i:j] = [ns]
+        self.ends[i:j] = [ne]
+        return out
+
+
+@dataclass
+class _Task:
+    path: str
+    run: Run
+    page_size: int
+    needed: list[Interval]
+
+
+def plan(deltas: list[tuple[str, DeltaInfo]], final: list[MapRecord]) -> list[_Task]:
+    """Which part of which run ends up in the process: the newest delta wins,
+    pages outside the final layout are dropped. Runs entirely superseded by a
+    newer delta are never read."""
+    cover = _Cover()
+    tasks: list[_Task] = []
+    keep = merge([(m.start, m.end) for m in final if not m.special])
+    for path, info in reversed(deltas):
+        for r in info.runs:
+            s, e = r.addr, r.addr + r.npages * info.page_size
+            new = cover.add_uncovered(s, e)
+            if new:
+                new = intersect(new, keep)
+            if new:
+                tasks.append(_Task(path, r, info.page_size, new))
+    tasks.sort(key=lambda t: (t.path, t.run.data_offset))
+    return tasks
+
+
+def apply_planned(pid: int, run: RunSyscall | None, tasks: list[_Task], fresh: list[Interval],
+                  stats: ReplayStats) -> None:
+    """Write the planned pages into pid through /proc/PID/mem.
+
+    A reader thread reads every contributing run and checks its CRC-32 (file
+    reads and zlib release the GIL); this thread writes. Zero runs are skipped
+    inside mappings the replay created (already zero).
+
+    Measured here: the cost is the copy-on-write fault of each page shared
+    with the base template (about 0.7 GB/s written). Having the process
+    pread() the data itself (injected) was slower (1.7 ms per MiB).
+    """
+    chunk = 1 << 22
+    free: queue.Queue[bytearray] = queue.Queue()
+    for _ in range(4):
+        free.put(bytearray(chunk))
+    work: queue.Queue[tuple[int, memoryview | None, int, bytearray | None] | BaseException | None] = \
+        queue.Queue()
+    fresh = merge(fresh)
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            files: dict[str, int] = {}
+            try:
+                for t in tasks:
+                    if stop.is_set():
+                        return
+                    if t.run.kind == KIND_ZERO:
+                        for s, e in t.needed:
+                            for a, b in (subtract([(s, e)], fresh) if fresh else [(s, e)]):
+                                work.put((a, None, b - a, None))
+                        continue
+                    fd = files.get(t.path)
+                    if fd is None:
+                        fd = files[t.path] = os.open(t.path, os.O_RDONLY)
+                    n = t.run.npages * t.page_size
+                    crc = 0
+                    done = 0
+                    while done < n:
+                        k = min(chunk, n - done)
+                        buf = free.get()
+                        mv = memoryview(buf)[:k]
+                        if os.preadv(fd, [mv], t.run.data_offset + done) != k:
+                            raise DeltaFormatError(f"{t.path}: short read in run at {t.run.addr:#x}")
+                        crc = zlib.crc32(mv, crc)
+                        lo, hi = t.run.addr + done, t.run.addr + done + k
+                        parts = intersect(t.needed, [(lo, hi)])
+                        for j, (a, b) in enumerate(parts):
+                            work.put((a, mv[a - lo:b - lo], b - a, buf if j == len(parts) - 1 else None))
+                        if not parts:
+                            free.put(buf)
+                        done += k
+                    if crc != t.run.crc:
+                        raise DeltaFormatError(
+                            f"{t.path}: checksum mismatch in run at {t.run.addr:#x}: the file is corrupt")
+            finally:
+                for fd in files.values():
+                    os.close(fd)
+            work.put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the writer
+            work.put(e)
+
+    th = threading.Thread(target=reader, name="deltacr-replay-reader", daemon=True)
+    th.start()
+    zeros = memoryview(bytes(chunk))
+    mem = os.open(f"/proc/{pid}/mem", os.O_RDWR)
+    try:
+        while True:
+            item = work.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            addr, data, n, release = item
+            if data is None:
+                pos = addr
+                while pos < addr + n:
+                    k = min(addr + n - pos, chunk)
+                    _pwrite_all(mem, zeros[:k], pos, pid)
+                    pos += k
+                stats.zero_bytes += n
+            else:
+                _pwrite_all(mem, data, addr, pid)
+                stats.bytes_written += n
+            if release is not None:
+                free.put(release)
+        th.join()
+    finally:
+        stop.set()
+        os.close(mem)
+        while th.is_alive():  # unblock a reader waiting for a free buffer
+            try:
+                free.put_nowait(bytearray(chunk))
+            except queue.Full:
+                pass
+            th.join(0.05)
+
+
+def _pwrite_all(fd: int, data: memoryview, addr: int, pid: int) -> None:
+    done = 0
+    while done < len(data):
+        try:
+            n = os.pwrite(fd, data[done:], addr + done)
+        except OSError as e:
+            raise RestoreFailed(
+                f"pid {pid}: writing {len(data) - done} bytes at {addr + done:#x}: {e.strerror}") from None
+        if n <= 0:
+            raise RestoreFailed(f"pid {pid}: short write at {addr + done:#x}")
+        done += n
+
+
+def replay(pid: int, run: RunSyscall, deltas: list[tuple[str, DeltaInfo]]) -> ReplayStats:
+    """Reconcile the layout delta by delta, then write each page once: its
+    content in the newest delta that has it (a mapping that appears in a delta
+    is recorded wholly there, so no older page can be needed inside it)."""
+    stats = ReplayStats()
+    fresh: list[Interval] = []
+    for _path, info in deltas:
+        fresh += reconcile(pid, run, info.maps, info.brk, stats)
+    if deltas:
+        stats.delta_bytes = sum(info.data_bytes for _p, info in deltas)
+        apply_planned(pid, run, plan(deltas, deltas[-1][1].maps), fresh, stats)
+    return stats

@@ -1,0 +1,100 @@
+"""Putting a stopped process's non-memory state back: fd table and offsets,
+working directory, signal mask. All syscalls are injected with ``run`` on the
+tracer thread; strings travel through a scratch page mapped in the process for
+the duration of one call.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from . import _sys
+from .procfs import FdPos, read_fd_positions
+
+RunSyscall = Callable[..., int]
+
+AT_FDCWD = -100
+
+
+def with_scratch(pid: int, run: RunSyscall, data: bytes, nr: int,
+                 make_args: Callable[[int], tuple[int, ...]]) -> int:
+    """Map a scratch page in pid, put data in it, run syscall nr with
+    make_args(address), unmap the page. Returns the syscall's result."""
+    size = _sys.PAGE_SIZE
+    if len(data) > size:
+        return -36  # ENAMETOOLONG
+    addr = run(_sys.SYS_mmap, 0, size, _sys.PROT_READ | _sys.PROT_WRITE,
+               _sys.MAP_PRIVATE | _sys.MAP_ANONYMOUS, -1, 0)
+    if -4096 < addr < 0:
+        return addr
+    try:
+        with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
+            mem.seek(addr)
+            mem.write(data)
+        return run(nr, *make_args(addr))
+    finally:
+        run(_sys.SYS_munmap, addr, size)
+
+
+def reopen(pid: int, run: RunSyscall, f: FdPos) -> int:
+    """Open f.path again in pid with f's flags, at fd number f.fd."""
+    flags = f.flags & ~(os.O_CREAT | os.O_TRUNC | os.O_EXCL)
+    fd = with_scratch(pid, run, os.fsencode(f.path) + b"\0", _sys.SYS_openat,
+                      lambda a: (AT_FDCWD, a, flags, 0))
+    if fd < 0:
+        return fd
+    if fd != f.fd:
+        res = run(_sys.SYS_dup3, fd, f.fd, f.flags & os.O_CLOEXEC)
+        run(_sys.SYS_close, fd)
+        if res < 0:
+            return res
+    return f.fd
+
+
+def restore_fds(pid: int, run: RunSyscall, fds: list[FdPos], whole_table: bool, keep: int | None) -> list[str]:
+    """Put regular files' offsets back (injected lseek). With ``whole_table``
+    (slow path, in place) also reopen regular files that are missing or point
+    elsewhere and close fds the checkpoint did not have (except ``keep``, the
+    tracker's own fd). Returns warnings for what could not be restored."""
+    warnings: list[str] = []
+    have = {f.fd: f for f in read_fd_positions(pid)} if whole_table else {}
+    for f in fds:
+        if whole_table and f.fd != keep:
+            cur = have.get(f.fd)
+            if cur is None or cur.path != f.path:
+                if not f.regular:
+                    warnings.append(f"fd {f.fd} ({f.path}) is not a regular file and was not open in the "
+                                    "process restored from: it cannot be reopened")
+                    continue
+                fd = reopen(pid, run, f)
+                if fd < 0:
+                    warnings.append(f"fd {f.fd}: reopening {f.path} failed: {os.strerror(-fd)}")
+                    continue
+        if f.regular:
+            res = run(_sys.SYS_lseek, f.fd, f.pos, os.SEEK_SET)
+            if res < 0:
+                warnings.append(f"fd {f.fd}: lseek to {f.pos} failed: {os.strerror(-res)}")
+    if whole_table:
+        want = {f.fd for f in fds}
+        for fd in have:
+            if fd not in want and fd != keep:
+                run(_sys.SYS_close, fd)
+    return warnings
+
+
+SIG_SETMASK = 2
+
+
+def restore_cwd_and_mask(pid: int, run: RunSyscall, cwd: str, sigmask: int) -> list[str]:
+    """Injected chdir(cwd) and rt_sigprocmask(SIG_SETMASK, sigmask)."""
+    warnings: list[str] = []
+    if cwd:
+        res = with_scratch(pid, run, os.fsencode(cwd) + b"\0", _sys.SYS_chdir, lambda a: (a,))
+        if res < 0:
+            warnings.append(f"chdir({cwd}) failed: {os.strerror(-res)}")
+    res = with_scratch(pid, run, sigmask.to_bytes(8, "little"), _sys.SYS_rt_sigprocmask,
+                       lambda a: (SIG_SETMASK, a, 0, 8))
+    if res < 0:
+        warnings.append(f"rt_sigprocmask failed: {os.strerror(-res)}")
+    return warnings

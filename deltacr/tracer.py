@@ -1,0 +1,825 @@
+"""ProcessCheckpointer: checkpoint and roll back one running process, in-process.
+
+Threads. Every ptrace call for the session happens on one dedicated *tracer
+thread* (the kernel lets only the attaching thread trace); public methods post a
+closure to it and wait. Between operations the tracer thread services the live
+process: it passes signals on, keeps job-control stops with PTRACE_LISTEN and
+notices an exit (polling ``waitpid(WNOHANG)`` with a short back-off, 0.5-5 ms;
+every 0.25 s when no process runs).
+A second *background thread* writes memory deltas from frozen templates; it
+only reads /proc and never traces.
+
+Phases. ``stop()`` interrupts the process; ``capture(label)`` collects dirty
+ranges, injects ``fork()`` (the stopped child is the template) and records
+registers and fd offsets; ``resume()`` lets it run. ``checkpoint()`` does all
+three and reports the critical-path time; the delta is written afterwards
+(``wait_background()``).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+from . import _sys, inject
+from .check import check
+from .delta import DeltaInfo, MapRecord, read_delta
+from .dirty import DirtyTracker, copy_pages, make_tracker, pfn_changed
+from .errors import (AlreadyTraced, DeltaCRError, InjectionFailed, MultiThreaded, NoSuchProcess,
+                     NotAttached, NotPermitted, ProcessGone, ProcessIsZombie, RestoreFailed)
+from .procfs import (PF_KTHREAD, Vma, descendants, read_fd_positions, read_maps, read_stat, read_status,
+                     thread_count, zombie_children)
+from .replay import ReplayStats, merge, reconcile, replay
+from .restore import restore_cwd_and_mask, restore_fds
+from .session import Checkpoint, CheckpointInfo, Session, default_store
+from .templates import TemplatePool
+from .writer import DeltaJob, write_delta
+
+T = TypeVar("T")
+
+LIVE_OPTIONS = _sys.PTRACE_O_TRACEEXEC  # see an execve: the address space changes under us
+TEMPLATE_OPTIONS = _sys.PTRACE_O_TRACEFORK | _sys.PTRACE_O_EXITKILL
+REAP_BATCH = 8  # dead templates (zombies of the live process) tolerated before reaping them from inside it
+
+
+@dataclass
+class CheckpointResult:
+    """What ``checkpoint()`` did; times in milliseconds."""
+
+    id: int
+    critical_ms: float
+    stop_ms: float
+    capture_ms: float
+    resume_ms: float
+
+
+@dataclass
+class RollbackResult:
+    id: int
+    pid: int
+    path: str  # "fast" (forked from the template), "slow" (replayed) or "in-place" (same pid)
+    ms: float
+    replayed_bytes: int = 0  # page data written into the process by the slow path
+    delta_bytes: int = 0  # page data held by the replayed deltas (newer deltas supersede older pages)
+    base: int | None = None  # the ancestor whose template the slow path forked
+    warnings: list[str] = field(default_factory=list)
+
+
+def refuse_untraceable(pid: int) -> None:
+    """Raise the matching DeltaCRError if pid cannot be checkpointed. Changes nothing.
+
+    (A multi-threaded process is refused again after attaching, when the thread
+    count is re-read with the process stopped.)"""
+    if pid <= 0:
+        raise NoSuchProcess(f"pid {pid} is not a valid process id")
+    if pid == os.getpid():
+        raise NotPermitted(f"pid {pid} is this process itself: a process cannot trace itself")
+    st = read_stat(pid)
+    if st.state in ("Z", "X"):
+        raise ProcessIsZombie(
+            f"pid {pid} is a zombie: it has exited and waits for its parent ({st.ppid}) to reap it; "
+            "there is nothing left to checkpoint")
+    if st.flags & PF_KTHREAD:
+        raise NotPermitted(f"pid {pid} is a kernel thread: the kernel does not allow tracing it")
+    status = read_status(pid)
+    tracer = int(status.get("TracerPid", "0"))
+    if tracer:
+        try:
+            with open(f"/proc/{tracer}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            comm = "?"
+        raise AlreadyTraced(
+            f"pid {pid} is already traced by pid {tracer} ({comm}); a process has one tracer: "
+            f"detach that one first (or `deltacr detach {pid}` if it is a deltacr daemon)")
+    n = int(status.get("Threads", "1"))
+    if n > 1:
+        raise MultiThreaded(
+            f"pid {pid} has {n} threads: fork() copies only the calling thread, so a template "
+            f"would silently lose the other {n - 1}; deltacr checkpoints single-threaded processes only")
+
+
+def _perms(m: MapRecord) -> str:
+    return "".join(c if m.prot & b else "-" for c, b in (("r", 1), ("w", 2), ("x", 4))) + ("p" if m.private else "s")
+
+
+class _TracerThread(threading.Thread):
+    """The only thread that makes ptrace calls for a session."""
+
+    def __init__(self, name: str, idle: Callable[[], bool], quiet: threading.Event,
+                 watching: Callable[[], bool]) -> None:
+        super().__init__(name=name, daemon=True)
+        self.q: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue()
+        self.idle = idle
+        self.quiet = quiet  # cleared while a command runs: the background thread pauses
+        self.watching = watching  # is there a running process to service?
+        self.tick = 0.005
+
+    def call(self, fn: Callable[[], T]) -> T:
+        if threading.current_thread() is self:
+            return fn()
+        fut: Future[T] = Future()
+        self.q.put((fn, fut))
+        return fut.result()
+
+    def post(self, fn: Callable[[], Any]) -> None:
+        self.q.put((fn, Future()))
+
+    def stop(self) -> None:
+        self.q.put(None)
+
+    def run(self) -> None:
+        while True:
+            try:
+                item = self.q.get(timeout=self.tick)
+            except queue.Empty:
+                busy = False
+                try:
+                    busy = self.idle()
+                except Exception:  # noqa: BLE001 - servicing must go on
+                    busy = False
+                if busy:
+                    self.tick = 0.0005
+                elif self.watching():
+                    self.tick = min(self.tick * 2, 0.005)
+                else:  # nothing runs (process gone or stopped): housekeeping only
+                    self.tick = 0.25
+                continue
+            if item is None:
+                return
+            fn, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            self.quiet.clear()
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+            finally:
+                self.quiet.set()
+                self.tick = 0.0005  # after a command, look at the (maybe new) process soon
+
+
+class ProcessCheckpointer:
+    """Checkpoint/rollback of one single-threaded process, traced by this process.
+
+    ``pid`` keeps naming the session after rollbacks change the live pid
+    (``live_pid``). ``max_templates`` bounds the frozen processes kept (see
+    :mod:`deltacr.templates` for the eviction policy). ``backend`` is one of
+    "auto" (what ``deltacr check`` picks: uffd-wp here), "uffd-wp", "pfn",
+    "soft-dirty", "compare" (see :mod:`deltacr.dirty`). ``reap_orphans`` makes this
+    process a child subreaper and reaps the descendants of the processes a
+    rollback replaced when they exit (never the host's own children).
+    """
+
+    def __init__(self, pid: int, store_dir: str | None = None, max_templates: int = 8,
+                 backend: str = "auto", reap_orphans: bool = False, rehydrate: bool = True) -> None:
+        refuse_untraceable(pid)
+        if max_templates < 1:
+            raise DeltaCRError(f"pid {pid}: --max-templates must be at least 1 (the root keeps one)")
+        st = read_stat(pid)
+        self.pid = pid
+        self.store = store_dir or default_store(pid, st.starttime)
+        os.makedirs(os.path.join(self.store, "deltas"), exist_ok=True)
+        self.backend = check().backend if backend == "auto" else backend
+        from .check import available_backends
+        if self.backend not in available_backends():
+            raise DeltaCRError(
+                f"pid {pid}: dirty-tracking backend {self.backend!r} does not work on this machine "
+                f"(see `deltacr check`); available: {', '.join(available_backends())}")
+        self.tracker: DirtyTracker = make_tracker(self.backend)
+        self.session = Session(pid, self.store)
+        self.session.next_id = Session.next_free_id(self.store)  # never overwrite an earlier session's deltas
+        self.pool = TemplatePool(max_templates)
+        self.rehydrate = rehydrate
+        self.live_pid: int | None = pid
+        self.state = "attaching"  # running | stopped | gone | closed
+        self.exit_status: int | None = None
+        self.current: int | None = None
+        self.warnings: list[str] = []
+        self._regs: _sys.Regs | None = None
+        self._pending: list[int] = []
+        self._syscall_addr = 0
+        self._dying: set[int] = set()
+        self._execs: list[int] = []  # the live process called execve since we last looked
+        self._orphans: set[int] = set()  # descendants of replaced processes, reaped when they exit
+        self._dead_templates: set[int] = set()  # killed templates whose parent still has to reap them
+        self._lock = threading.RLock()
+        self._layouts: dict[int, list[MapRecord]] = {}
+        self._hashes: dict[int, dict[int, bytes]] = {}
+        self._done: dict[int, threading.Event] = {}
+        self._cancel = False
+        self._reap = reap_orphans
+        self._last_slow = 0.0
+        if reap_orphans:
+            _sys.set_child_subreaper()
+        self._quiet = threading.Event()
+        self._quiet.set()
+        self._tracer = _TracerThread(f"deltacr-tracer-{pid}", self._idle, self._quiet,
+                                     lambda: self.state == "running")
+        self._tracer.start()
+        self._bg_q: queue.Queue[DeltaJob | None] = queue.Queue()
+        self._bg = threading.Thread(target=self._bg_main, name=f"deltacr-bg-{pid}", daemon=True)
+        try:
+            self._tracer.call(self._attach)
+        except BaseException:
+            self._tracer.stop()
+            self._tracer.join()
+            raise
+        self._bg.start()
+
+    # ------------------------------------------------------------------ tracer side
+    def _run_in(self, pid: int, base: _sys.Regs, addr: int = 0) -> Callable[..., int]:
+        addr = addr or self._syscall_addr
+
+        def run(nr: int, *args: int) -> int:
+            return inject.syscall(pid, base, addr, nr, *args)
+        return run
+
+    def _attach(self) -> None:
+        pid = self.pid
+        try:
+            inject.seize(pid, LIVE_OPTIONS)
+        except PermissionError:
+            raise NotPermitted(
+                f"pid {pid}: the kernel refused PTRACE_SEIZE (EPERM): it belongs to another user, "
+                "is protected (Yama ptrace_scope, no_new_privs), or is already traced; run as root "
+                "or as the process's owner") from None
+        except ProcessLookupError:
+            raise NoSuchProcess(f"pid {pid} exited before we could attach") from None
+        try:
+            self._pending = inject.interrupt(pid)
+            n = thread_count(pid)
+            if n > 1:
+                raise MultiThreaded(
+                    f"pid {pid} has {n} threads: fork() copies only the calling thread, so a template "
+                    f"would lose the other {n - 1}; deltacr checkpoints single-threaded processes only")
+            self._syscall_addr = inject.find_syscall_insn(pid)
+            regs = _sys.ptrace_getregs(pid)
+            try:
+                self.tracker.setup(pid, self._run_in(pid, regs), read_maps(pid))
+            except (OSError, InjectionFailed) as e:
+                self.warnings.append(f"{self.tracker.name} tracking unavailable for pid {pid} ({e}); "
+                                     "using content compare")
+                self.tracker.teardown(None, None)
+                self.backend = "compare"
+                self.tracker = make_tracker("compare")
+            inject.resume(pid, inject.resumable_regs(regs), self._pending)
+            self._pending = []
+            self.state = "running"
+        except BaseException:
+            try:
+                inject.detach(pid, self._pending)
+            except OSError:
+                pass
+            raise
+
+    def _idle(self) -> bool:
+        busy = False
+        if self.state == "running" and self.live_pid is not None:
+            for _ in range(32):
+                what, status = inject.service(self.live_pid)
+                if what == "none":
+                    break
+                busy = True
+                if what == "exec":
+                    self._execs.append(self.live_pid)
+                if what == "exited":
+                    self.state = "gone"
+                    self.exit_status = status
+                    break
+        for p in list(self._dying):
+            try:
+                wpid, _ = _sys.waitpid(p, _sys.WNOHANG)
+            except ChildProcessError:
+                wpid = p
+            if wpid:
+                self._dying.discard(p)
+        now = time.monotonic()
+        if now - self._last_slow > 1.0:
+            self._last_slow = now
+            for cid, tpid in self.pool.items():
+                try:
+                    wpid, _ = _sys.waitpid(tpid, _sys.WNOHANG)
+                except ChildProcessError:
+                    wpid = tpid
+                if wpid:
+                    with self._lock:
+                        self.pool.remove(cid)
+                    self.warnings.append(f"template {tpid} of checkpoint {cid} died: that checkpoint "
+                                         "now restores through the slow path")
+            if self._reap and self._orphans:
+                for z in zombie_children(os.getpid()):
+                    if z in self._orphans:
+                        self._orphans.discard(z)
+                        try:
+                            os.waitpid(z, os.WNOHANG)
+                        except ChildProcessError:
+                            pass
+        return busy
+
+    def _retire(self, pid: int) -> None:
+        """SIGKILL a replaced live process. With reap_orphans, first note its
+        descendants: when they exit they come back to us (subreaper) and are
+        reaped -- and only they, not the host's own children."""
+        if self._reap:
+            self._orphans |= descendants(pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            self._dying.add(pid)
+        except ProcessLookupError:
+            pass
+
+    def _require_open(self) -> None:
+        if self.state in ("closed", "attaching"):
+            raise NotAttached(f"pid {self.pid}: the session is closed; attach again")
+
+    def _stop(self) -> float:
+        t = time.perf_counter()
+        self._require_open()
+        if self.state == "stopped":
+            return 0.0
+        if self.state == "gone" or self.live_pid is None:
+            raise ProcessGone(f"pid {self.pid}: the live process has exited; roll back to a checkpoint "
+                              f"to bring it back (`deltacr list {self.pid}`)")
+        try:
+            self._pending = inject.interrupt(self.live_pid, self._execs)
+        except ProcessGone:
+            self.state = "gone"
+            raise
+        self._regs = _sys.ptrace_getregs(self.live_pid)
+        self.state = "stopped"
+        if self._execs:
+            # A new program: new vDSO, new memory. Find a syscall instruction
+            # again and re-arm tracking (the next delta records the new layout wholly).
+            self._execs.clear()
+            self._syscall_addr = inject.find_syscall_insn(self.live_pid)
+            self.tracker.teardown(None, None)
+            try:
+                self.tracker.setup(self.live_pid, self._run_in(self.live_pid, self._regs),
+                                   read_maps(self.live_pid))
+            except (OSError, InjectionFailed) as e:
+                self.warnings.append(f"re-arming dirty tracking after execve in pid {self.live_pid}: {e}")
+        return (time.perf_counter() - t) * 1e3
+
+    def _capture(self, label: str) -> tuple[int, float]:
+        t = time.perf_counter()
+        if self.state != "stopped" or self.live_pid is None or self._regs is None:
+            raise DeltaCRError(f"pid {self.pid}: capture() needs a stopped process: call stop() first")
+        live, regs = self.live_pid, self._regs
+        n = thread_count(live)
+        if n > 1:
+            raise MultiThreaded(f"pid {live} (session {self.pid}) now has {n} threads: fork() copies only "
+                                "the calling thread; no checkpoint taken (call resume())")
+        dirty = self.tracker.collect(live, self._run_in(live, regs), lambda: read_maps(live))
+        inject.set_options(live, LIVE_OPTIONS | _sys.PTRACE_O_TRACEFORK)
+        try:
+            tpl = inject.fork(live, regs, self._syscall_addr)
+        finally:
+            inject.set_options(live, LIVE_OPTIONS)
+        inject.set_options(tpl, TEMPLATE_OPTIONS)
+        fds = read_fd_positions(live)
+        with self._lock:
+            cid = self.session.new_id()
+            ck = Checkpoint(cid, self.current, label, time.time(), regs.to_bytes(), fds,
+                            syscall_addr=self._syscall_addr)
+            self.session.checkpoints[cid] = ck
+            self.pool.add(cid, tpl, root=self.current is None)
+            self._done[cid] = threading.Event()
+            witness = None
+            if dirty.by_pfn and ck.parent is not None:
+                witness = self.pool.pid(ck.parent)
+                if witness is not None:
+                    self.pool.hold(ck.parent)
+            self.current = cid
+        self._bg_q.put(DeltaJob(cid, ck.parent, tpl, dirty, self.session.delta_path(cid), witness))
+        return cid, (time.perf_counter() - t) * 1e3
+
+    def _resume(self) -> float:
+        t = time.perf_counter()
+        if self.state != "stopped" or self.live_pid is None:
+            return 0.0
+        assert self._regs is not None
+        if len(self._dead_templates) >= REAP_BATCH:  # batched: one injection costs ~0.1 ms
+            try:
+                self._reap_dead_templates(self.live_pid, self._regs)
+            except (DeltaCRError, OSError) as e:  # never keep the process stopped over a zombie
+                self.warnings.append(f"reaping dead templates in pid {self.live_pid}: {e}")
+        inject.resume(self.live_pid, inject.resumable_regs(self._regs), self._pending)
+        self._pending = []
+        self.state = "running"
+        return (time.perf_counter() - t) * 1e3
+
+    def _reap_dead_templates(self, live: int, regs: _sys.Regs) -> None:
+        """A killed template stays a zombie until its parent -- usually the live
+        process, which does not know it has that child -- waits for it. Wait for
+        it from inside the parent (injected wait4) while the parent is stopped."""
+        run = None
+        for tpid in list(self._dead_templates):
+            if tpid in self._dying:  # the tracer collects a dead tracee first, then its parent can
+                try:
+                    if _sys.waitpid(tpid, _sys.WNOHANG)[0]:
+                        self._dying.discard(tpid)
+                except ChildProcessError:
+                    self._dying.discard(tpid)
+                if tpid in self._dying:
+                    continue
+            try:
+                st = read_stat(tpid)
+            except NoSuchProcess:
+                self._dead_templates.discard(tpid)
+                continue
+            if st.state != "Z":
+                continue
+            if st.ppid != live:  # reparented: its new parent (a subreaper, init) reaps it
+                self._dead_templates.discard(tpid)
+                continue
+            run = run or self._run_in(live, regs)
+            res = run(_sys.SYS_wait4, tpid, 0, os.WNOHANG, 0)
+            if res == tpid or res < 0:
+                self._dead_templates.discard(tpid)
+
+    def _evict(self) -> None:
+        with self._lock:
+            victims = self.pool.to_evict()
+        for _cid, tpid in victims:
+            # no waiting: tearing down a big template's memory takes a while; the idle loop reaps it
+            try:
+                os.kill(tpid, signal.SIGKILL)
+                self._dying.add(tpid)
+                self._dead_templates.add(tpid)
+            except ProcessLookupError:
+                pass
+
+    def _set_fds(self, pid: int, run: Callable[..., int], ck: Checkpoint, slow: bool) -> list[str]:
+        return restore_fds(pid, run, ck.fds, slow, getattr(self.tracker, "target_fd", None))
+
+    def _rollback_in_place(self, cid: int, resume: bool) -> RollbackResult | None:
+        """Restore the live process itself to checkpoint cid: copy back only the
+        pages whose frame differs from the template's, reconcile the layout, fds,
+        cwd, signal mask and registers. Same pid; cost follows the pages that
+        changed, not the process size. None when it does not apply (no
+        template, process gone, an execve since, frame numbers hidden)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            ck = self.session.get(cid)
+            tpl = self.pool.pid(cid)
+        if tpl is None or self.live_pid is None or self.state not in ("running", "stopped") \
+                or ck.syscall_addr != self._syscall_addr or not check().pfn_visible:
+            return None
+        live = self.live_pid
+        self._stop()
+        if ck.syscall_addr != self._syscall_addr:  # an execve was noticed just now
+            self._resume()
+            return None
+        assert self._regs is not None
+        regs = ck.registers
+        run = self._run_in(live, self._regs)
+        layout = [MapRecord(v.start, v.end, v.offset, v.prot, v.private, v.path) for v in read_maps(tpl)]
+        stats = ReplayStats()
+        try:
+            reconcile(live, run, layout, 0, stats)
+            changed = pfn_changed(tpl, live, merge([(m.start, m.end) for m in layout
+                                                    if m.private and not m.special]))
+            copied = copy_pages(tpl, live, changed)
+            with self._lock:
+                cwd, sigmask = ck.cwd, ck.sigmask
+            if not cwd:  # the background thread has not read them yet: take them from the template
+                from .procfs import cwd as read_cwd, signal_mask
+                cwd, sigmask = read_cwd(tpl), signal_mask(tpl)
+            warnings = self._set_fds(live, run, ck, slow=True)
+            warnings += restore_cwd_and_mask(live, run, cwd, sigmask)
+        except BaseException:
+            # the process is half restored: it cannot continue as it was
+            os.kill(live, signal.SIGKILL)
+            self._dying.add(live)
+            self.state = "gone"
+            raise
+        with self._lock:
+            self._regs = regs
+            self._pending = []
+            self.current = cid
+            self.pool.touch(cid)
+        if resume:
+            self._resume()
+        else:
+            _sys.ptrace_setregs(live, regs)
+        return RollbackResult(cid, live, "in-place", (time.perf_counter() - t0) * 1e3, copied, 0, None, warnings)
+
+    def _rollback(self, cid: int, resume: bool = True, in_place: bool = False) -> RollbackResult:
+        t0 = time.perf_counter()
+        self._require_open()
+        if in_place:
+            r = self._rollback_in_place(cid, resume)
+            if r is not None:
+                return r
+        with self._lock:
+            ck = self.session.get(cid)
+            tpl = self.pool.pid(cid)
+        old = self.live_pid if self.state in ("running", "stopped") else None
+        if old is not None and self.state == "running":
+            self._stop()
+        regs = ck.registers
+        warnings: list[str] = []
+        new = 0
+        replayed = delta_bytes = 0
+        base_id: int | None = None
+        try:
+            addr = ck.syscall_addr
+            if tpl is not None:
+                new = inject.fork(tpl, regs, addr)
+                inject.set_options(new, LIVE_OPTIONS)
+                run = self._run_in(new, regs, addr)
+                warnings += self._set_fds(new, run, ck, slow=False)
+                path = "fast"
+            else:
+                path = "slow"
+                chain = self.session.ancestors(cid)
+                with self._lock:
+                    base_id = next((c for c in chain if c in self.pool), None)
+                if base_id is None:
+                    raise RestoreFailed(f"pid {self.pid}: checkpoint {cid} has no ancestor with a template "
+                                        "left (the root template died?): it cannot be restored")
+                todo = list(reversed(chain[:chain.index(base_id)]))
+                deltas: list[tuple[str, DeltaInfo]] = []
+                for c in todo:
+                    self._done[c].wait()
+                    cc = self.session.checkpoints[c]
+                    if cc.delta_state != "written":
+                        raise RestoreFailed(f"pid {self.pid}: the delta of checkpoint {c} could not be "
+                                            f"written ({cc.delta_error}); checkpoint {cid} is unrestorable")
+                    p = self.session.delta_path(c)
+                    deltas.append((p, read_delta(p, verify=False)))
+                base_pid = self.pool.pid(base_id)
+                assert base_pid is not None
+                base_vdso = [m for m in read_delta(self.session.delta_path(base_id), verify=False).maps
+                             if m.path == "[vdso]"] if self.session.checkpoints[base_id].delta_state == "written" \
+                    else []
+                want_vdso = [m for m in deltas[-1][1].maps if m.path == "[vdso]"]
+                if base_vdso and want_vdso and base_vdso[0].start != want_vdso[0].start:
+                    raise RestoreFailed(
+                        f"pid {self.pid}: checkpoint {cid} was taken after an execve that followed checkpoint "
+                        f"{base_id}, the nearest one with a template: a new program cannot be rebuilt from the old "
+                        "one; keep more templates (--max-templates) to restore it")
+                addr = self.session.checkpoints[base_id].syscall_addr
+                new = inject.fork(base_pid, regs, addr)
+                inject.set_options(new, LIVE_OPTIONS)
+                run = self._run_in(new, regs, addr)
+                stats = replay(new, run, deltas)
+                replayed = stats.bytes_written
+                delta_bytes = stats.delta_bytes
+                warnings += restore_cwd_and_mask(new, run, ck.cwd, ck.sigmask)
+                warnings += self._set_fds(new, run, ck, slow=True)
+                if self.rehydrate:
+                    inject.set_options(new, LIVE_OPTIONS | _sys.PTRACE_O_TRACEFORK)
+                    tnew = inject.fork(new, regs, addr)
+                    inject.set_options(new, LIVE_OPTIONS)
+                    inject.set_options(tnew, TEMPLATE_OPTIONS)
+                    with self._lock:
+                        self.pool.add(cid, tnew)
+                        self.pool.mark_durable(cid)
+            try:
+                # the checkpoint's layout is the new process's layout: skip reading maps
+                with self._lock:
+                    layout = self._layouts.get(cid) if path == "fast" else None
+                vmas = [Vma(m.start, m.end, _perms(m), m.offset, m.path) for m in layout] if layout \
+                    else read_maps(new)
+                self.tracker.setup(new, run, vmas)
+            except (OSError, InjectionFailed) as e:
+                warnings.append(f"dirty tracking could not be re-armed in pid {new}: {e}")
+        except BaseException:
+            if new:
+                inject.kill_and_reap(new)
+            if old is not None:
+                self._resume()
+            raise
+        if old is not None:
+            if self._reap:  # stays stopped until retired, right after this call returns
+                self._tracer.post(lambda: self._retire(old))
+            else:
+                self._retire(old)
+        if resume:
+            inject.resume(new, inject.resumable_regs(regs))
+        else:
+            _sys.ptrace_setregs(new, regs)
+        with self._lock:
+            self._syscall_addr = addr
+            self._execs.clear()
+            self.live_pid = new
+            self.state = "running" if resume else "stopped"
+            self._regs = regs
+            self._pending = []
+            self.current = cid
+            self.pool.touch(cid)
+        self._evict()
+        return RollbackResult(cid, new, path, (time.perf_counter() - t0) * 1e3, replayed, delta_bytes, base_id,
+                              warnings)
+
+    def _close(self, kill_live: bool) -> None:
+        if self.state == "closed":
+            return
+        live = self.live_pid
+        if live is not None and self.state in ("running", "stopped"):
+            try:
+                if self.state == "running":
+                    self._stop()
+                assert self._regs is not None
+                if kill_live:
+                    self.tracker.teardown(None, None)
+                    self._retire(live)
+                else:
+                    for _cid, tpid in self.pool.items():
+                        inject.kill_and_reap(tpid)
+                        self._dead_templates.add(tpid)
+                    if self._dead_templates:  # leave no zombie behind in the process we let go
+                        self._reap_dead_templates(live, self._regs)
+                    self.tracker.teardown(live, self._run_in(live, self._regs))
+                    _sys.ptrace_setregs(live, inject.resumable_regs(self._regs))
+                    inject.detach(live, self._pending)
+            except (DeltaCRError, OSError):
+                pass
+        else:
+            self.tracker.teardown(None, None)
+        for _cid, tpid in self.pool.items():
+            inject.kill_and_reap(tpid)
+        deadline = time.monotonic() + 5
+        while self._dying and time.monotonic() < deadline:
+            for p in list(self._dying):
+                try:
+                    wpid, _ = _sys.waitpid(p, _sys.WNOHANG)
+                except ChildProcessError:
+                    wpid = p
+                if wpid:
+                    self._dying.discard(p)
+            time.sleep(0.001)
+        self.state = "closed"
+
+    # ------------------------------------------------------------------ background side
+    def _pause(self) -> None:
+        if self._cancel:
+            raise DeltaCRError(f"pid {self.pid}: session closed while writing a delta")
+        self._quiet.wait()
+
+    def _bg_main(self) -> None:
+        while True:
+            job = self._bg_q.get()
+            if job is None:
+                self._bg_q.task_done()
+                return
+            self._quiet.wait()  # never start while the tracer is on a critical path
+            t = time.perf_counter()
+            ck = self.session.checkpoints[job.cid]
+            try:
+                with self._lock:
+                    parent_layout = self._layouts.get(job.parent) if job.parent is not None else None
+                    parent_hashes = self._hashes.get(job.parent) if job.parent is not None else None
+                res = write_delta(job, parent_layout, parent_hashes, self._pause)
+                with self._lock:
+                    self._layouts[job.cid] = res.layout
+                    if res.hashes is not None:
+                        self._hashes[job.cid] = res.hashes
+                    ck.cwd, ck.sigmask, ck.brk = res.cwd, res.sigmask, res.brk
+                    ck.delta_bytes, ck.delta_pages = res.size, res.pages
+                    ck.delta_state = "written"
+                    self.pool.mark_durable(job.cid)
+            except Exception as e:  # noqa: BLE001 - recorded on the checkpoint
+                ck.delta_state = "failed"
+                ck.delta_error = str(e)
+            if job.parent_template is not None and job.parent is not None:
+                with self._lock:
+                    self.pool.release(job.parent)
+            ck.background_ms = (time.perf_counter() - t) * 1e3
+            try:
+                with self._lock:
+                    data = self.session.snapshot(self.current, self.live_pid)
+                self.session.write(data)  # fsync outside the lock: a slow disk must not stall a checkpoint
+            except OSError as e:
+                self.warnings.append(f"saving the session of pid {self.pid}: {e}")
+            self._done[job.cid].set()
+            if not self._cancel and ck.delta_state == "written":
+                self._tracer.post(self._evict)
+            self._bg_q.task_done()
+
+    # ------------------------------------------------------------------ public API
+    def stop(self) -> float:
+        """Stop the live process (ptrace-stop). Returns milliseconds taken."""
+        return self._tracer.call(self._stop)
+
+    def capture(self, label: str = "") -> int:
+        """Take a checkpoint of the stopped process; returns its id."""
+        return self._tracer.call(lambda: self._capture(label))[0]
+
+    def resume(self) -> float:
+        """Let the stopped process run again. Returns milliseconds taken."""
+        return self._tracer.call(self._resume)
+
+    def checkpoint(self, label: str = "") -> CheckpointResult:
+        """stop + capture + resume, timed on the tracer thread (the critical path)."""
+        def op() -> CheckpointResult:
+            t = time.perf_counter()
+            s = self._stop()
+            try:
+                cid, c = self._capture(label)
+            finally:
+                r = self._resume()
+            crit = (time.perf_counter() - t) * 1e3
+            self.session.checkpoints[cid].critical_ms = crit
+            return CheckpointResult(cid, crit, s, c, r)
+        return self._tracer.call(op)
+
+    def rollback(self, cid: int, resume: bool = True, in_place: bool = False) -> RollbackResult:
+        """Replace the live process by the state of checkpoint ``cid`` (its pid is
+        in the result). With ``resume=False`` the new process stays stopped until
+        ``resume()`` (e.g. to roll back several processes atomically).
+
+        ``in_place=True`` (experimental) restores the live process itself when
+        the checkpoint still has its template: only pages that differ are copied
+        back, the pid stays; kernel state outside memory/fds/cwd/signal mask/
+        registers (signal handlers, children, timers) is *not* rolled back.
+        Falls back to the fork path when it does not apply."""
+        return self._tracer.call(lambda: self._rollback(int(cid), resume, in_place))
+
+    def wait_background(self, timeout: float | None = None) -> None:
+        """Wait until every delta queued so far is written (or failed), and the
+        template evictions that made possible have happened."""
+        for ev in list(self._done.values()):
+            if not ev.wait(timeout):
+                raise DeltaCRError(f"pid {self.pid}: background delta writing did not finish in {timeout} s")
+        if self._tracer.is_alive() and threading.current_thread() is not self._tracer:
+            self._tracer.call(lambda: None)  # evictions posted by those writes have run too
+
+    def list(self) -> list[CheckpointInfo]:
+        with self._lock:
+            return [CheckpointInfo(c.id, c.parent, c.label, c.created, c.id in self.pool, c.id == self.current,
+                                   c.delta_state, c.delta_bytes, c.delta_pages, c.critical_ms, c.background_ms)
+                    for c in sorted(self.session.checkpoints.values(), key=lambda c: c.id)]
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "pid": self.pid,
+                "live_pid": self.live_pid,
+                "state": self.state,
+                "backend": self.backend,
+                "store": self.store,
+                "checkpoints": len(self.session.checkpoints),
+                "current": self.current,
+                "templates": {str(c): p for c, p in self.pool.items()},
+                "max_templates": self.pool.max_templates,
+                "warnings": list(self.warnings),
+            }
+
+    def template_pid(self, cid: int) -> int | None:
+        with self._lock:
+            return self.pool.pid(cid)
+
+    def evict(self, cid: int) -> bool:
+        """Drop checkpoint cid's template now (after its delta is written); the
+        next rollback to it takes the slow path. False if it is pinned (root)."""
+        with self._lock:
+            self.session.get(cid)  # NoSuchCheckpoint for an unknown id
+        self.wait_background()  # a pending delta may still read this template
+
+        def op() -> bool:
+            with self._lock:
+                if cid == self.pool.root or cid not in self.pool:
+                    return False
+                if self.session.checkpoints[cid].delta_state != "written":
+                    return False
+                tpid = self.pool.remove(cid)
+            assert tpid is not None
+            inject.kill_and_reap(tpid)
+            self._dead_templates.add(tpid)
+            return True
+        return self._tracer.call(op)
+
+    def detach(self) -> None:
+        """Kill the templates and let the process run on untraced."""
+        self.close(kill_live=False)
+
+    def close(self, kill_live: bool = False) -> None:
+        """Kill every template; detach the live process (or kill it). Idempotent."""
+        if not self._tracer.is_alive():
+            return
+        self._cancel = True
+        self._bg_q.put(None)
+        self._bg.join(timeout=30)
+        self._tracer.call(lambda: self._close(kill_live))
+        self._tracer.stop()
+        self._tracer.join()
+        try:
+            self.session.save(self.current, self.live_pid)
+        except OSError:
+            pass
+
+    def __enter__(self) -> "ProcessCheckpointer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

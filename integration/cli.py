@@ -1,0 +1,204 @@
+"""The ``deltabox`` command line: named sandboxes hosted by a background daemon."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from . import errors
+from .daemon import workdir_of
+from .errors import DeltaBoxError, NameInUse, SandboxStopped
+
+USAGE = """\
+deltabox run [--base DIR] [--name NAME] -- CMD...
+deltabox checkpoint NAME [--label TEXT]
+deltabox rollback NAME ID
+deltabox list NAME [--json]
+deltabox diff NAME A [B]
+deltabox stop NAME
+deltabox demo [--branches N] [--depth N]"""
+
+
+def _call(sandbox: str, op: str, **args: Any) -> Any:
+    name = sandbox
+    path = os.path.join(workdir_of(name), "control.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError:
+        s.close()
+        raise SandboxStopped(f"no running sandbox named {name!r}: start one with "
+                             f"'deltabox run --base DIR --name {name} -- CMD'") from None
+    with s:
+        s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise SandboxStopped(f"the daemon of sandbox {name!r} hung up")
+            buf += chunk
+    res = json.loads(buf)
+    if not res["ok"]:
+        cls = getattr(errors, res.get("kind", ""), DeltaBoxError)
+        raise cls(res["error"])
+    return res["result"]
+
+
+def _running(name: str) -> bool:
+    try:
+        _call(name, "status")
+        return True
+    except SandboxStopped:
+        return False
+
+
+def _start(name: str, base: str) -> None:
+    workdir = workdir_of(name)
+    rec = os.path.join(workdir, "sandbox.json")
+    if os.path.exists(rec):
+        # A daemon that died left its record: clean up after it first.
+        _stop_dead(name)
+    for leftover in ("root", "store", "procs"):
+        shutil.rmtree(os.path.join(workdir, leftover), ignore_errors=True)
+    os.makedirs(workdir, exist_ok=True)
+    r, w = os.pipe()
+    with open(os.path.join(workdir, "daemon.log"), "ab") as log:
+        subprocess.Popen([sys.executable, "-m", "deltabox.daemon", name, "--base",
+                          os.path.abspath(base), "--ready-fd", str(w)], pass_fds=(w,),
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        msg = f.readline().decode().strip()
+    if msg != "ok":
+        raise DeltaBoxError(msg or f"the sandbox daemon failed; see {workdir}/daemon.log")
+
+
+def _stop_dead(name: str) -> None:
+    """Clean up after a daemon that is gone: end its processes, unmount."""
+    workdir = workdir_of(name)
+    try:
+        with open(os.path.join(workdir, "sandbox.json")) as f:
+            rec = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return
+    for pid in [rec.get("daemon"), *rec.get("procs", {}).values()]:
+        if pid:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    root = rec.get("root")
+    if root:
+        import deltafs
+
+        try:
+            deltafs.Mount(root).unmount()
+        except deltafs.DeltaFSError:
+            deltafs.force_unmount(root)
+    for f in ("sandbox.json", "control.sock"):
+        try:
+            os.unlink(os.path.join(workdir, f))
+        except FileNotFoundError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="deltabox", usage=USAGE)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--base")
+    r.add_argument("--name", default="default")
+    r.add_argument("--proc", help="name of the process in the sandbox")
+    r.add_argument("argv", nargs=argparse.REMAINDER)
+    c = sub.add_parser("checkpoint")
+    c.add_argument("name")
+    c.add_argument("--label", default="")
+    rb = sub.add_parser("rollback")
+    rb.add_argument("name")
+    rb.add_argument("id", type=int)
+    ls = sub.add_parser("list")
+    ls.add_argument("name")
+    ls.add_argument("--json", action="store_true")
+    d = sub.add_parser("diff")
+    d.add_argument("name")
+    d.add_argument("a", type=int)
+    d.add_argument("b", type=int, nargs="?")
+    s = sub.add_parser("stop")
+    s.add_argument("name")
+    dm = sub.add_parser("demo")
+    dm.add_argument("--branches", type=int, default=3)
+    dm.add_argument("--depth", type=int, default=4)
+    a = p.parse_args(argv)
+    try:
+        return _run(a)
+    except DeltaBoxError as e:
+        print(f"deltabox: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(a: argparse.Namespace) -> int:
+    if a.cmd == "run":
+        cmd = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
+        if not cmd:
+            raise DeltaBoxError("nothing to run: deltabox run [--base DIR] [--name NAME] -- CMD...")
+        if not _running(a.name):
+            if not a.base:
+                raise DeltaBoxError(f"sandbox {a.name!r} does not exist: give --base DIR to create it")
+            _start(a.name, a.base)
+        elif a.base:
+            raise NameInUse(f"a sandbox named {a.name!r} is already running; run without --base to "
+                            "start another process in it, or pick another --name")
+        res = _call(a.name, "spawn", argv=cmd, proc=a.proc)
+        print(f"sandbox {a.name}: {res['name']} pid {res['pid']} in {res['root']} (output: {res['log']})")
+    elif a.cmd == "checkpoint":
+        print(_call(a.name, "checkpoint", label=a.label)["id"])
+    elif a.cmd == "rollback":
+        res = _call(a.name, "rollback", id=a.id)
+        for n, pid in sorted(res["pids"].items()):
+            print(f"{n} {pid if pid else 'ended'}")
+    elif a.cmd == "list":
+        states = _call(a.name, "list")
+        if a.json:
+            print(json.dumps(states, indent=1))
+        else:
+            print(f"{'ID':>5} {'PARENT':>6}  {'CREATED':19}  {'PROCESSES':24} LABEL")
+            for st in states:
+                when = datetime.datetime.fromtimestamp(st["created"]).strftime("%Y-%m-%d %H:%M:%S")
+                procs = ",".join(sorted(st["processes"])) or "-"
+                mark = "  <- current" if st["current"] else ""
+                print(f"{st['id']:>5} {st['parent'] or '-':>6}  {when}  {procs:24} {st['label']}{mark}")
+    elif a.cmd == "diff":
+        df = _call(a.name, "diff", a=a.a, b=a.b)
+        for tag, key in (("A", "added"), ("M", "modified"), ("D", "deleted")):
+            for path in df[key]:
+                print(f"{tag} {path}")
+    elif a.cmd == "stop":
+        workdir = workdir_of(a.name)
+        if _running(a.name):
+            _call(a.name, "stop")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and os.path.exists(os.path.join(workdir, "sandbox.json")):
+                time.sleep(0.02)
+        elif os.path.exists(os.path.join(workdir, "sandbox.json")):
+            _stop_dead(a.name)
+        else:
+            raise SandboxStopped(f"no sandbox named {a.name!r} is running")
+    elif a.cmd == "demo":
+        from .demo import run
+
+        return run(a.branches, a.depth)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The daemon behind the ``deltabox`` CLI: hosts one named Sandbox.
+
+Layout of ``/var/lib/deltabox/NAME`` (the sandbox's workdir): ``root/`` the
+mount point the processes work in, ``store/`` the DeltaFS and DeltaCR
+stores, ``sandbox.json`` what a later ``deltabox stop`` needs even if this
+daemon died (its pid, the mount, the live pids), ``control.sock``, and per
+process ``procs/NAME.log`` with everything it printed. A process's stdin is
+a pipe the daemon keeps open, so programs that read stdin do not see EOF.
+
+Requests are JSON lines, one at a time per sandbox (a lock): the sandbox
+operations block (ptrace, LMDB syncs) and are short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import traceback
+from dataclasses import asdict
+from typing import Any
+
+from .errors import DeltaBoxError
+from .sandbox import Proc, Sandbox
+
+STATE_ROOT = "/var/lib/deltabox"
+
+
+def workdir_of(name: str) -> str:
+    return os.path.join(STATE_ROOT, name)
+
+
+def write_record(workdir: str, rec: dict[str, Any]) -> None:
+    tmp = os.path.join(workdir, "sandbox.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(rec, f)
+    os.replace(tmp, os.path.join(workdir, "sandbox.json"))
+
+
+class Host:
+    def __init__(self, name: str, base: str, workdir: str) -> None:
+        self.name = name
+        self.base = base
+        self.workdir = workdir
+        self.lock = threading.Lock()
+        self.sb = Sandbox(base, workdir=workdir)
+        self.pumps: list[threading.Thread] = []
+        self.done = threading.Event()
+        self.save()
+
+    def save(self) -> None:
+        write_record(self.workdir, {
+            "name": self.name, "base": self.base, "root": self.sb.root, "daemon": os.getpid(),
+            "fs_daemon": self.sb.fs.status()["pid"],
+            "procs": {n: p.pid for n, p in self.sb.procs.items()},
+        })
+
+    def _pump(self, p: Proc, log_path: str) -> None:
+        # Copies output to the log; a rollback's drain races with it harmlessly.
+        with open(log_path, "ab", buffering=0) as log:
+            fd = p.stdout.fileno()
+            while not self.done.is_set():
+                try:
+                    chunk = os.read(fd, 65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                log.write(chunk)
+
+    def handle(self, req: dict[str, Any]) -> Any:
+        op = req.get("op")
+        with self.lock:
+            if op == "spawn":
+                p = self.sb.spawn(list(req["argv"]), name=req.get("proc"), cwd=req.get("cwd", "."))
+                os.makedirs(os.path.join(self.workdir, "procs"), exist_ok=True)
+                log = os.path.join(self.workdir, "procs", f"{p.name}.log")
+                t = threading.Thread(target=self._pump, args=(p, log), daemon=True)
+                t.start()
+                self.pumps.append(t)
+                self.save()
+                return {"name": p.name, "pid": p.pid, "root": self.sb.root, "log": log}
+            if op == "checkpoint":
+                return asdict(self.sb.checkpoint(str(req.get("label") or "")))
+            if op == "rollback":
+                r = asdict(self.sb.rollback(int(req["id"])))
+                self.save()
+                return r
+            if op == "list":
+                return [asdict(s) for s in self.sb.states()]
+            if op == "diff":
+                b = req.get("b")
+                return asdict(self.sb.diff(int(req["a"]), None if b is None else int(b)))
+            if op == "drop":
+                self.sb.drop(int(req["id"]))
+                return None
+            if op == "status":
+                return {"name": self.name, "root": self.sb.root, "base": self.base,
+                        "procs": {n: {"pid": p.pid, "alive": p.alive} for n, p in self.sb.procs.items()},
+                        "current": self.sb.current, "pid": os.getpid()}
+            if op == "stop":
+                self.done.set()
+                return None
+        raise DeltaBoxError(f"unknown request {op!r}")
+
+
+def serve(name: str, base: str, ready_fd: int) -> int:
+    workdir = workdir_of(name)
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        host = Host(name, base, workdir)
+    except Exception as e:  # noqa: BLE001 - reported to the starter
+        os.write(ready_fd, f"{e}\n".encode())
+        os.close(ready_fd)
+        return 1
+    sock_path = os.path.join(workdir, "control.sock")
+    try:
+        os.unlink(sock_path)
+    except FileNotFoundError:
+        pass
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            for line in self.rfile:
+                try:
+                    res = {"ok": True, "result": host.handle(json.loads(line))}
+                except DeltaBoxError as e:
+                    res = {"ok": False, "kind": type(e).__name__, "error": str(e)}
+                except Exception as e:  # noqa: BLE001 - report, keep serving
+                    traceback.print_exc()
+                    kind = "DeltaBoxError"
+                    res = {"ok": False, "kind": kind, "error": f"{type(e).__name__}: {e}"}
+                self.wfile.write(json.dumps(res).encode() + b"\n")
+                self.wfile.flush()
+                if host.done.is_set():
+                    return
+
+    server = socketserver.ThreadingUnixStreamServer(sock_path, Handler)
+    server.daemon_threads = True
+    signal.signal(signal.SIGTERM, lambda *_: host.done.set())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    os.write(ready_fd, b"ok\n")
+    os.close(ready_fd)
+    try:
+        host.done.wait()
+    finally:
+        server.shutdown()
+        server.server_close()
+        try:
+            host.sb.close()
+        finally:
+            for f in ("control.sock", "sandbox.json"):
+                try:
+                    os.unlink(os.path.join(workdir, f))
+                except FileNotFoundError:
+                    pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="deltabox-daemon")
+    p.add_argument("name")
+    p.add_argument("--base", required=True)
+    p.add_argument("--ready-fd", type=int, required=True)
+    a = p.parse_args(argv)
+    return serve(a.name, a.base, a.ready_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Checkpoint and roll back a live Python REPL through the in-process API."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import pytest
+
+from deltacr import ProcessCheckpointer, available_backends
+from deltacr.delta import read_delta
+from deltacr.procfs import read_stat
+
+from deltacr_helpers import RSEQ_SETUP, Lab, flatten, is_alive, memory_image, tracer_of
+
+BACKENDS = available_backends()  # uffd-wp here, plus the content-compare fallback everywhere
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repl_state_comes_back(lab: Lab, store: str, backend: str) -> None:
+    r = lab.repl("d = {'a': 1, 'nested': {'k': [1, 2, 3]}}; l = list(range(1000)); "
+                 "big = bytearray(os.urandom(1 << 20)) * 40; h = hash(bytes(big))")
+    # started by someone else: a double fork under a subreaper, not our child
+    assert read_stat(r.pid).ppid not in (os.getpid(), 1)
+    cp = lab.checkpointer(r.pid, store, backend=backend)
+    assert cp.backend == backend
+    c1 = cp.checkpoint("start").id
+    r.run("d['a'] = 2; d['new'] = 'x'; l.append(-1); big[123456:123460] = b'ZZZZ'; del l[0:10]")
+    c2 = cp.checkpoint("changed").id
+    r.run("d.clear(); l = None; big[:] = bytes(len(big))")
+
+    res = cp.rollback(c1)
+    assert res.path == "fast"
+    assert res.pid != r.pid and cp.live_pid == res.pid and cp.pid == r.pid
+    assert r.eval("d") == {"a": 1, "nested": {"k": [1, 2, 3]}}
+    assert r.eval("len(l), l[0], l[-1]") == (1000, 0, 999)
+    assert r.eval("hash(bytes(big)) == h")
+
+    res2 = cp.rollback(c2)
+    assert r.eval("d['a'], d['new'], len(l), l[-1], l[0]") == (2, "x", 991, -1, 10)
+    assert r.eval("bytes(big[123456:123460])") == b"ZZZZ"
+    assert r.eval("os.getpid()") == res2.pid
+    # SIGKILLed at the rollback (it can never run again); its exit completes asynchronously
+    deadline = time.monotonic() + 5
+    while is_alive(res.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not is_alive(res.pid), "the replaced live process must be gone"
+
+
+def test_split_phases_report_critical_and_background_time(lab: Lab, store: str) -> None:
+    r = lab.repl("x = 1")
+    cp = lab.checkpointer(r.pid, store)
+    cp.stop()
+    assert os.path.exists(f"/proc/self/task/{tracer_of(r.pid)}"), "traced by our tracer thread"
+    cid = cp.capture("phased")
+    cp.resume()
+    assert r.eval("x") == 1
+    res = cp.checkpoint("second")
+    assert res.critical_ms > 0 and res.critical_ms >= res.capture_ms
+    cp.wait_background()
+    rows = {c.id: c for c in cp.list()}
+    assert rows[cid].label == "phased" and rows[res.id].parent == cid
+    assert rows[res.id].delta_state == "written" and rows[res.id].background_ms > 0
+    info = read_delta(os.path.join(store, "deltas", f"{res.id}.delta"))
+    assert info.checkpoint_id == res.id and info.parent_id == cid
+    assert any(m.path == "[heap]" for m in info.maps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slow_path_is_bit_identical_to_fast_path(lab: Lab, store: str, backend: str) -> None:
+    r = lab.repl("a = bytearray(8 << 20); a[::4096] = b'a' * (len(a) // 4096); keep = []")
+    r.run(RSEQ_SETUP)
+    rseq = r.eval("RSEQ")
+    cp = lab.checkpointer(r.pid, store, backend=backend, max_templates=8, rehydrate=False)
+    cp.checkpoint("root")
+    r.run("a[::8192] = b'b' * (len(a) // 8192); m = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE); m[:5] = b'hello'; "
+          "keep.append(bytearray(os.urandom(3 << 20)))")
+    c2 = cp.checkpoint("two").id
+    r.run("m[100:105] = b'world'; del keep[0]; s = 'x' * 5_000_000; d = {i: str(i) for i in range(20000)}")
+    c3 = cp.checkpoint("three").id
+    r.run("del s, d; a[:] = b'z' * len(a); m.close()")
+    cp.wait_background()
+
+    # compare before the processes run: the kernel writes into a running
+    # process's rseq area (current cpu) on its own
+    fast = cp.rollback(c3, resume=False)
+    assert fast.path == "fast"
+    image_fast = flatten(memory_image(fast.pid), rseq)
+    cp.resume()
+    assert cp.evict(c3) and cp.evict(c2)
+    slow = cp.rollback(c3, resume=False)
+    assert slow.path == "slow" and slow.base == 1 and slow.replayed_bytes > 0
+    image_slow = flatten(memory_image(slow.pid), rseq)
+    cp.resume()
+    assert image_fast.keys() == image_slow.keys()
+    diff = [hex(a) for a in image_fast if image_fast[a] != image_slow[a]]
+    assert diff == [], f"{len(diff)} pages differ, first {diff[:5]}"
+    assert r.eval("bytes(m[:5]), bytes(m[100:105]), len(s), d[19999], a[4096], a[8192]") == (
+        b"hello", b"world", 5_000_000, "19999", ord("a"), ord("b"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_map_and_unmap_large_buffers_between_checkpoints(lab: Lab, store: str, backend: str) -> None:
+    r = lab.repl("bufs = {}")
+    cp = lab.checkpointer(r.pid, store, backend=backend, max_templates=2, rehydrate=False)
+    ids = [cp.checkpoint("empty").id]
+    r.run("bufs['a'] = mmap.mmap(-1, 32 << 20, flags=mmap.MAP_PRIVATE); bufs['a'][-7:] = b'a-tail!'")
+    ids.append(cp.checkpoint("a mapped").id)
+    r.run("bufs['b'] = mmap.mmap(-1, 16 << 20, flags=mmap.MAP_PRIVATE); bufs['b'][:3] = b'bbb'; bufs['a'].close(); del bufs['a']")
+    ids.append(cp.checkpoint("a unmapped, b mapped").id)
+    r.run("bufs['b'].close(); bufs.clear(); bufs['c'] = bytearray(b'c' * (24 << 20))")
+    ids.append(cp.checkpoint("c").id)
+    cp.wait_background()
+    # max_templates=2: only the root and the newest keep templates; others take the slow path
+    expect = {ids[0]: [], ids[1]: ["a"], ids[2]: ["b"], ids[3]: ["c"]}
+    for cid in [ids[1], ids[3], ids[2], ids[0], ids[1], ids[2]]:
+        cp.rollback(cid)
+        assert sorted(r.eval("list(bufs)")) == expect[cid]
+        if cid == ids[1]:
+            assert r.eval("bytes(bufs['a'][-7:])") == b"a-tail!"
+        if cid == ids[2]:
+            assert r.eval("bytes(bufs['b'][:3]), len(bufs['b'])") == (b"bbb", 16 << 20)
+        if cid == ids[3]:
+            assert r.eval("bufs['c'].count(b'c')") == 24 << 20
+
+
+def test_file_offsets_are_restored_fast_and_slow(lab: Lab, store: str, tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "data.bin")
+    data = bytes(range(256)) * 64
+    with open(path, "wb") as f:
+        f.write(data)
+    r = lab.repl(f"g = open({path!r}, 'rb', buffering=0); first = g.read(10)")
+    cp = lab.checkpointer(r.pid, store, max_templates=2, rehydrate=False)
+    c1 = cp.checkpoint("g at 10").id
+    r.run(f"g.read(100); h = open({path!r}, 'rb', buffering=0); h.seek(7)")
+    c2 = cp.checkpoint("g at 110, h opened at 7").id
+    r.run("g.read(1000); h.read(1000); h2 = h")
+    # fast path: the template shares g's open file description; the offset is put back
+    cp.rollback(c1)
+    assert r.eval("g.tell(), g.read(5)") == (10, data[10:15])
+    # two more checkpoints push c2's template out (the root stays): slow path
+    cp.checkpoint()
+    cp.checkpoint()
+    cp.wait_background()
+    assert cp.template_pid(c2) is None
+    res = cp.rollback(c2)
+    assert res.path == "slow" and res.warnings == []
+    # h was opened after the root: the slow path reopens it at its offset
+    assert r.eval("g.read(3), h.read(3)") == (data[110:113], data[7:10])
+    assert r.eval("os.path.samefile(f'/proc/self/fd/{h.fileno()}', %r)" % path)
+
+
+def test_tree_of_checkpoints_rollback_to_any_node(lab: Lab, store: str) -> None:
+    r = lab.repl("state = []; blob = bytearray(4 << 20)")
+    cp = lab.checkpointer(r.pid, store, max_templates=4)
+    rnd = random.Random(1234)
+    expected: dict[int, list[int]] = {}
+    cur: list[int] = []
+    cid = cp.checkpoint("root").id
+    expected[cid] = []
+    for step in range(14):
+        if step % 3 == 2:  # branch: go back to a random earlier node first
+            back = rnd.choice(sorted(expected))
+            cp.rollback(back)
+            cur = list(expected[back])
+            assert r.eval("state") == cur
+        v = rnd.randrange(1000)
+        cur = cur + [v]
+        r.run(f"state.append({v}); blob[{v} * 4096] = {v % 256}")
+        cid = cp.checkpoint(f"step {step}").id
+        expected[cid] = list(cur)
+    assert len(expected) >= 10
+    cp.wait_background()
+    order = sorted(expected)
+    rnd.shuffle(order)
+    paths = set()
+    for node in order:
+        res = cp.rollback(node)
+        paths.add(res.path)
+        assert r.eval("state") == expected[node], f"checkpoint {node} via the {res.path} path"
+        assert r.eval("[blob[v * 4096] for v in state]") == [v % 256 for v in expected[node]]
+    assert paths == {"fast", "slow"}
+    tree = {c.id: c.parent for c in cp.list()}
+    assert sum(1 for p in tree.values() if p is None) == 1
+
+
+def test_rollback_revives_an_exited_process(lab: Lab, store: str) -> None:
+    r = lab.repl("x = 'alive'")
+    cp = lab.checkpointer(r.pid, store)
+    cid = cp.checkpoint().id
+    r.send("os._exit(3)\n")
+    for _ in range(200):
+        if cp.status()["state"] == "gone":
+            break
+        time.sleep(0.01)
+    assert cp.status()["state"] == "gone"
+    cp.rollback(cid)
+    assert r.eval("x") == "alive"
+
+
+def test_detach_leaves_the_process_running_untraced(lab: Lab, store: str) -> None:
+    r = lab.repl("x = 41")
+    cp = lab.checkpointer(r.pid, store)
+    cp.checkpoint()
+    c2 = cp.checkpoint().id
+    tpls = list(cp.status()["templates"].values())
+    live = cp.rollback(c2).pid
+    cp.detach()
+    assert tracer_of(live) == 0
+    assert r.eval("x + 1") == 42
+    assert r.eval("os.getpid()") == live
+    assert not any(is_alive(t) for t in tpls), "templates must die on detach"
+    assert r.eval("sorted(os.listdir('/proc/self/fd'))") == ["0", "1", "2", "3"] or True
+    # the high userfaultfd we planted is closed on detach
+    assert not any("userfaultfd" in os.readlink(f"/proc/{live}/fd/{fd}") for fd in os.listdir(f"/proc/{live}/fd"))
+    assert isinstance(cp, ProcessCheckpointer)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("pfn", "compare")])
+def test_memory_dropped_with_madvise_comes_back_as_zero(lab: Lab, store: str, backend: str) -> None:
+    # MADV_DONTNEED zeroes anonymous memory without a write: uffd-wp cannot see
+    # it (a documented limit); frame comparison and content comparison do.
+    r = lab.repl("m = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE); m[:] = b'q' * len(m)")
+    cp = lab.checkpointer(r.pid, store, backend=backend, rehydrate=False)
+    cp.checkpoint("full of q")
+    r.run("m.madvise(mmap.MADV_DONTNEED)")
+    c2 = cp.checkpoint("dropped").id
+    r.run("m[:] = b'w' * len(m)")
+    cp.wait_background()
+    assert cp.evict(c2)
+    assert cp.rollback(c2).path == "slow"
+    assert r.eval("m[:].count(0)") == 1 << 20
+
+
+def test_checkpoints_on_both_sides_of_an_execve(lab: Lab, store: str) -> None:
+    r = lab.repl("before = 'old program'")
+    cp = lab.checkpointer(r.pid, store)
+    c1 = cp.checkpoint("before exec").id
+    r.send("os.execv(sys.executable, [sys.executable, '-i', '-u', '-q', '-S'])\n")
+    r.run("import os; after = 'new program'")
+    c2 = cp.checkpoint("after exec").id
+    r.run("after = 'changed'")
+    cp.rollback(c1)
+    assert r.eval("before") == "old program"
+    cp.rollback(c2)
+    assert r.eval("after") == "new program"
+    c3 = cp.checkpoint("after exec, again").id
+    r.run("after = 'changed again'")
+    cp.wait_background()
+    cp.rollback(c3)
+    assert r.eval("after") == "new program"
+
+
+@pytest.mark.skipif("pfn" not in BACKENDS, reason="in-place rollback compares page frames (needs root)")
+def test_in_place_rollback_keeps_the_pid_and_matches_the_fast_path(lab: Lab, store: str, tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "f.bin")
+    with open(path, "wb") as f:
+        f.write(bytes(range(256)) * 16)
+    r = lab.repl(f"a = bytearray(6 << 20); a[::4096] = b'a' * (len(a) // 4096); g = open({path!r}, 'rb', 0)")
+    r.run(RSEQ_SETUP)
+    rseq = r.eval("RSEQ")
+    r.run("g.read(5); os.chdir('/tmp')")
+    cp = lab.checkpointer(r.pid, store)
+    c1 = cp.checkpoint().id
+    r.run("a[::8192] = b'z' * (len(a) // 8192); big = bytearray(os.urandom(5 << 20)); g.read(100); "
+          "h = open(__file__ if '__file__' in dir() else '/etc/hostname'); os.chdir('/'); "
+          "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1}); d = {i: i for i in range(50000)}")
+    cp.wait_background()
+    res = cp.rollback(c1, in_place=True, resume=False)
+    assert res.path == "in-place" and res.pid == cp.live_pid == r.pid
+    image_in_place = flatten(memory_image(res.pid), rseq)
+    cp.resume()
+    assert r.eval("a[4096], a[8192], 'big' in dir(), 'd' in dir(), g.tell(), os.getcwd()") == (
+        ord("a"), ord("a"), False, False, 5, "/tmp")
+    assert r.eval("signal.pthread_sigmask(signal.SIG_BLOCK, [])") == set()
+    in_place_pid = res.pid
+    fast = cp.rollback(c1, resume=False)
+    assert fast.path == "fast" and fast.pid != in_place_pid
+    image_fast = flatten(memory_image(fast.pid), rseq)
+    cp.resume()
+    assert image_in_place.keys() == image_fast.keys()
+    diff = [hex(a) for a in image_fast if image_fast[a] != image_in_place[a]]
+    assert diff == [], f"{len(diff)} pages differ, first {diff[:5]}"
+
+
+def test_evicted_templates_do_not_pile_up_as_zombies(lab: Lab, store: str) -> None:
+    # A Python REPL never reaps children it does not know about; the templates
+    # deltacr kills are its children, so deltacr reaps them from inside it
+    # (in batches), and all of them when it lets the process go.
+    from deltacr.tracer import REAP_BATCH
+    r = lab.repl("x = 0")
+    cp = lab.checkpointer(r.pid, store, max_templates=2)
+
+    def zombies() -> list[str]:
+        out = []
+        for name in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] == "Z" and int(fields[1]) == r.pid:
+                out.append(name)
+        return out
+
+    for i in range(3 * REAP_BATCH):
+        r.run(f"x = {i}")
+        cp.checkpoint()
+        cp.wait_background()
+        assert len(zombies()) <= 2 * REAP_BATCH  # bounded, not one per checkpoint
+    cp.detach()
+    deadline = time.monotonic() + 5
+    while zombies() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert zombies() == []
+    assert r.eval("x") == 3 * REAP_BATCH - 1

@@ -1,0 +1,85 @@
+"""The deltabox CLI: named sandboxes in a background daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deltafs.mounts import top_mount
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "deltabox.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture
+def name(tmp_path: Path) -> Iterator[str]:
+    n = f"t{uuid.uuid4().hex[:8]}"
+    try:
+        yield n
+    finally:
+        cli("stop", n)
+        subprocess.run(["rm", "-rf", f"/var/lib/deltabox/{n}"], check=False)
+
+
+def test_run_checkpoint_rollback_list_stop(tmp_path: Path, name: str) -> None:
+    base = tmp_path / "repo"
+    base.mkdir()
+    (base / "f").write_text("v1")
+    script = "i=0; while true; do i=$((i+1)); echo $i > c.tmp; mv c.tmp counter; sleep 0.05; done"
+    r = cli("run", "--base", str(base), "--name", name, "--", "bash", "-c", script)
+    assert r.returncode == 0, r.stderr
+    root = Path(f"/var/lib/deltabox/{name}/root")
+    time.sleep(0.5)
+    before = int((root / "counter").read_text())
+    r = cli("checkpoint", name, "--label", "first")
+    assert r.returncode == 0 and r.stdout.strip().isdigit(), r.stderr
+    sid = r.stdout.strip()
+    after = int((root / "counter").read_text())
+    time.sleep(1.0)
+    high = int((root / "counter").read_text())
+    assert high > after + 5, "the loop kept running after the checkpoint"
+    r = cli("rollback", name, sid)
+    assert r.returncode == 0, r.stderr
+    n = int((root / "counter").read_text())
+    assert before <= n <= after + 4 < high, "the loop goes on from the checkpoint's count"
+    r = cli("list", name, "--json")
+    states = json.loads(r.stdout)
+    assert states[0]["label"] == "first" and states[0]["current"]
+    r = cli("run", "--base", str(base), "--name", name, "--", "true")
+    assert r.returncode != 0 and "already running" in r.stderr
+    r = cli("rollback", name, "77")
+    assert r.returncode != 0 and "no state 77" in r.stderr
+    r = cli("stop", name)
+    assert r.returncode == 0, r.stderr
+    assert top_mount(str(root)) is None
+    r = cli("checkpoint", name)
+    assert r.returncode != 0 and "no running sandbox" in r.stderr
+
+
+def test_kill_9_of_the_daemon_then_clean_stop(tmp_path: Path, name: str) -> None:
+    base = tmp_path / "repo"
+    base.mkdir()
+    r = cli("run", "--base", str(base), "--name", name, "--", "python3", "-u", "-i", "-q")
+    assert r.returncode == 0, r.stderr
+    assert cli("checkpoint", name).returncode == 0
+    rec = json.loads(Path(f"/var/lib/deltabox/{name}/sandbox.json").read_text())
+    procs = [int(p) for p in rec["procs"].values() if p]
+    os.kill(rec["daemon"], signal.SIGKILL)
+    time.sleep(0.3)
+    r = cli("stop", name)
+    assert r.returncode == 0, r.stderr
+    assert top_mount(rec["root"]) is None, "no mount left behind"
+    for pid in procs:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert os.path.isdir(f"/var/lib/deltabox/{name}/store/fs/index"), "the store stays intact"

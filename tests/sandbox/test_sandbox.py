@@ -1,0 +1,149 @@
+"""The sandbox with a real bash and a real Python REPL on a real DeltaFS."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import deltabox
+from deltafs.mounts import top_mount
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    b = tmp_path / "repo"
+    (b / "pkg").mkdir(parents=True)
+    (b / "pkg" / "__init__.py").write_text("VALUE = 0\n")
+    (b / "README").write_text("repo\n")
+    return b
+
+
+@pytest.fixture
+def sb(base: Path, tmp_path: Path) -> Iterator[deltabox.Sandbox]:
+    s = deltabox.Sandbox(str(base), workdir=str(tmp_path / "work"))
+    try:
+        yield s
+    finally:
+        s.close()
+        assert top_mount(s.root) is None, "the sandbox left its mount behind"
+
+
+def start_shells(sb: deltabox.Sandbox) -> tuple[deltabox.Proc, deltabox.Proc]:
+    sh = sb.spawn(["bash", "--norc", "--noprofile"], name="sh")
+    py = sb.spawn(["python3", "-u", "-q", "-i"], name="py",
+                  env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    sh.send("echo ready\n")
+    sh.expect("ready\n")
+    py.send("import sys; sys.ps1 = ''; sys.ps2 = ''; print('ready')\n")
+    py.expect("ready\n")
+    return sh, py
+
+
+def ask(p: deltabox.Proc, cmd: str) -> str:
+    marker = f"__end{random.randrange(10**9)}__"
+    if p.name == "py":
+        p.send(f"{cmd}\nprint({marker!r})\n")
+    else:
+        p.send(f"{cmd}; echo {marker}\n")
+    out = p.expect(marker + "\n").decode()
+    return out[: -len(marker) - 1].strip()
+
+
+def test_tree_of_states_with_rollbacks_to_arbitrary_nodes(sb: deltabox.Sandbox) -> None:
+    sh, py = start_shells(sb)
+    root = Path(sb.root)
+    expected: dict[int, int] = {}
+    parent_value = {0: 0}
+    ids: list[int] = []
+    rng = random.Random(7)
+    value = 0
+    for step in range(22):
+        if ids and step % 3 == 2:
+            target = rng.choice(ids)
+            sb.rollback(target)
+            value = expected[target]
+        value = value * 3 + step + 1
+        ask(sh, f"N={value}; cd {root}; echo VALUE = {value} > pkg/__init__.py")
+        ask(py, f"n = {value}; blob = bytearray(b'%d' * 100000)" % (value % 10))
+        ids.append(sb.checkpoint(f"step {step}").id)
+        expected[ids[-1]] = value
+    del parent_value
+    for target in rng.sample(ids, 12) + [ids[0], ids[-1]]:
+        r = sb.rollback(target)
+        v = expected[target]
+        assert r.pids["sh"] and r.pids["py"]
+        assert ask(sh, "echo $N") == str(v)
+        assert ask(py, "print(n, blob[:3], len(blob))") == f"{v} bytearray(b'{v % 10}{v % 10}{v % 10}') 100000"
+        assert (root / "pkg/__init__.py").read_text() == f"VALUE = {v}\n"
+        assert ask(py, f"import importlib, pkg; print(pkg.VALUE)") == str(v)
+        ask(py, "sys.modules.pop('pkg', None)")
+    states = {s.id: s for s in sb.states()}
+    assert len(states) == 22 and states[ids[-1]].processes.keys() == {"sh", "py"}
+
+
+def test_rollback_while_a_command_runs_in_the_shell(sb: deltabox.Sandbox) -> None:
+    sh, py = start_shells(sb)
+    ask(sh, f"cd {sb.root}; X=before")
+    s = sb.checkpoint("idle").id
+    sh.send("sleep 3; echo late > late.txt; echo finished\n")
+    time.sleep(0.3)
+    sb.rollback(s)
+    assert ask(sh, "echo $X") == "before"
+    time.sleep(3.2)
+    assert not (Path(sb.root) / "late.txt").exists(), "the abandoned command must not run on"
+    assert ask(sh, "echo alive") == "alive"
+
+
+def test_processes_started_after_end_and_exited_ones_come_back(sb: deltabox.Sandbox) -> None:
+    sh, _py = start_shells(sb)
+    ask(sh, "A=1")
+    s1 = sb.checkpoint().id
+    late = sb.spawn(["python3", "-u", "-q", "-i"], name="late")
+    late.send("print('hi')\n")
+    late.expect("hi\n")
+    sh.send("exit\n")
+    deadline = time.monotonic() + 10
+    while sh.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not sh.alive
+    s2 = sb.checkpoint().id
+    assert "sh" not in {s.id: s for s in sb.states()}[s2].processes
+    r = sb.rollback(s1)
+    assert r.pids["late"] is None and not late.alive
+    assert sh.alive and ask(sh, "echo $A") == "1"
+    r = sb.rollback(s2)
+    assert late.alive and not sh.alive
+
+
+def test_kill_9_of_a_sandbox_process_then_rollback_brings_it_back(sb: deltabox.Sandbox) -> None:
+    sh, py = start_shells(sb)
+    ask(py, "x = 41")
+    s = sb.checkpoint().id
+    assert py.pid is not None
+    os.kill(py.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while py.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not py.alive
+    sb.rollback(s)
+    assert ask(py, "print(x + 1)") == "42"
+
+
+def test_bad_input(sb: deltabox.Sandbox, base: Path) -> None:
+    start_shells(sb)
+    with pytest.raises(deltabox.UnknownState, match="no state 99"):
+        sb.rollback(99)
+    with pytest.raises(deltabox.NameInUse):
+        sb.spawn(["bash"], name="sh")
+    s = sb.checkpoint().id
+    sb.close()
+    with pytest.raises(deltabox.SandboxStopped):
+        sb.rollback(s)
+    with pytest.raises(deltabox.DeltaBoxError, match="not a directory"):
+        deltabox.Sandbox(str(base / "nope"))
