@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -83,14 +85,26 @@ def test_other_users_process_is_not_permitted(lab: Lab) -> None:
     if not os.access(python, os.X_OK):
         pytest.skip("no system python3 that an unprivileged user can run")
     r = lab.repl("x = 1")
+    # The checkout may sit in a directory nobody cannot enter (mktemp -d, /root):
+    # give the unprivileged process its own readable copy of the package.
+    pkg_root = tempfile.mkdtemp(prefix="deltacr-pkg-")
+    shutil.copytree(os.path.join(ROOT, "deltacr"), os.path.join(pkg_root, "deltacr"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for dirpath, _dirs, files in os.walk(pkg_root):
+        os.chmod(dirpath, 0o755)
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o644)
     code = ("import sys, tempfile; sys.path.insert(0, %r)\n"
             "from deltacr import ProcessCheckpointer, NotPermitted\n"
             "with tempfile.TemporaryDirectory() as d:\n"
             "    try:\n        ProcessCheckpointer(%d, d, backend='compare')\n"
             "    except NotPermitted as e:\n        print('refused:', e); sys.exit(0)\n"
-            "sys.exit(3)\n") % (ROOT, r.pid)
-    res = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60,
-                         user=65534, group=65534, cwd="/")
+            "sys.exit(3)\n") % (pkg_root, r.pid)
+    try:
+        res = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60,
+                             user=65534, group=65534, cwd="/")
+    finally:
+        shutil.rmtree(pkg_root, ignore_errors=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"pid {r.pid}" in res.stdout and "EPERM" in res.stdout
     assert tracer_of(r.pid) == 0 and r.eval("x") == 1
