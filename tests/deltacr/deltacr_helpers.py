@@ -157,6 +157,7 @@ class Lab:
     checkpointers: list[ProcessCheckpointer] = field(default_factory=list)
     daemons: list[int] = field(default_factory=list)  # session pids attached through the CLI/daemon
     daemon_pids: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)  # every pid spawned
     logs: list[str] = field(default_factory=list)
 
     def spawn(self, argv: list[str], kind: type[Target] = Target) -> Any:
@@ -168,6 +169,7 @@ class Lab:
         self.nurseries.append(p)
         assert p.stderr is not None
         pid = int(p.stderr.readline())
+        self.targets.append(pid)
         return kind(p, pid, p.stdin, p.stdout, errlog=errlog)
 
     def repl(self, setup: str = "") -> Repl:
@@ -198,7 +200,7 @@ class Lab:
                 Client(pid, timeout=10).detach()
             except Exception:  # noqa: BLE001
                 pass
-        for dpid in self.daemon_pids:
+        for dpid in self.daemon_pids + _daemons_for(self.daemons + self.targets):
             _wait_gone(dpid, 5.0, kill=True)
         for p in self.nurseries:
             try:
@@ -226,6 +228,26 @@ class Lab:
                 os.unlink(log)
             except FileNotFoundError:
                 pass
+
+
+def _daemons_for(targets: list[int]) -> list[int]:
+    """Daemon processes still running for these session pids (whatever
+    happened to the sessions): the last line of defence against a leak."""
+    want = {str(t) for t in targets}
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any("deltacr.daemon" in a for a in argv) and "--pid" in argv:
+            i = argv.index("--pid")
+            if i + 1 < len(argv) and argv[i + 1] in want:
+                found.append(int(name))
+    return found
 
 
 def _wait_gone(pid: int, timeout: float, kill: bool) -> None:
