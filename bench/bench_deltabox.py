@@ -822,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--expansions", type=int, default=None, help="expansions per trajectory (100)")
     ap.add_argument("--inference", type=float, default=None, help="simulated inference s (0)")
     ap.add_argument("--seed", type=int, default=4)
-    ap.add_argument("--max-templates", type=int, default=16, help="DeltaBox Sandbox max_templates (16, its default)")
+    ap.add_argument("--max-templates", type=int, default=128, help="DeltaBox Sandbox max_templates (128, its default)")
     ap.add_argument("--configs", default=",".join(ORDER), help=f"subset of {','.join(ORDER)}")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
