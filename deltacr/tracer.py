@@ -280,6 +280,16 @@ class ProcessCheckpointer:
                 pass
             raise
 
+    def _reap_dying(self) -> None:
+        """Collect killed processes that have exited (no wait)."""
+        for p in list(self._dying):
+            try:
+                wpid, _ = _sys.waitpid(p, _sys.WNOHANG)
+            except ChildProcessError:
+                wpid = p
+            if wpid:
+                self._dying.discard(p)
+
     def _idle(self) -> bool:
         busy = False
         if self.state == "running" and self.live_pid is not None:
@@ -294,13 +304,7 @@ class ProcessCheckpointer:
                     self.state = "gone"
                     self.exit_status = status
                     break
-        for p in list(self._dying):
-            try:
-                wpid, _ = _sys.waitpid(p, _sys.WNOHANG)
-            except ChildProcessError:
-                wpid = p
-            if wpid:
-                self._dying.discard(p)
+        self._reap_dying()
         now = time.monotonic()
         if now - self._last_slow > 1.0:
             self._last_slow = now
@@ -650,13 +654,7 @@ class ProcessCheckpointer:
             inject.kill_and_reap(tpid)
         deadline = time.monotonic() + 5
         while self._dying and time.monotonic() < deadline:
-            for p in list(self._dying):
-                try:
-                    wpid, _ = _sys.waitpid(p, _sys.WNOHANG)
-                except ChildProcessError:
-                    wpid = p
-                if wpid:
-                    self._dying.discard(p)
+            self._reap_dying()
             time.sleep(0.001)
         self.state = "closed"
 

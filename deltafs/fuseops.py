@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from .errors import FSError
 from .index import ENT, INO
@@ -205,9 +206,9 @@ class Operations(pyfuse3.Operations):
         od = self.handles[fh]
         if not od.orphan and od.epoch == self.view.epoch:
             self.view.flush_dirty(od.ino)
-        if od.fd >= 0:
-            os.fdatasync(od.fd)
-        self.view.idx.sync()
+        # A dup: a copy-up by another handle may swap od.fd meanwhile.
+        fd = os.dup(od.fd) if od.fd >= 0 else -1
+        await trio.to_thread.run_sync(_sync_file_and_index, fd, self.view.idx.sync)
 
     @_errors
     async def release(self, fh: int) -> None:
@@ -239,7 +240,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self.view.idx.sync()
+        await trio.to_thread.run_sync(self.view.idx.sync)
 
     @_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
@@ -268,6 +269,17 @@ class Operations(pyfuse3.Operations):
 
     async def forget(self, inode_list: Any) -> None:
         return None  # inodes live in the index, not in memory
+
+
+def _sync_file_and_index(fd: int, sync_index: Callable[[], None]) -> None:
+    """fsync(2) off the trio loop: the disk flush would stall every request."""
+    try:
+        if fd >= 0:
+            os.fdatasync(fd)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    sync_index()
 
 
 def invalidate(changed: list[tuple[bytes, bytes]]) -> int:
