@@ -40,12 +40,12 @@ from .errors import (AlreadyTraced, DaemonError, DeltaCRError, DeltaFormatError,
                      MultiThreaded, NoSuchCheckpoint, NoSuchProcess, NotAttached, NotPermitted,
                      ProcessGone, ProcessIsZombie, RestoreFailed)
 from .session import CheckpointInfo
-from .tracer import CheckpointResult, ProcessCheckpointer, RollbackResult
+from .tracer import CheckpointResult, Gate, ProcessCheckpointer, RollbackResult, critical
 
 __all__ = [
     "AlreadyTraced", "CheckReport", "CheckpointInfo", "CheckpointResult", "Client", "DaemonError",
-    "DeltaCRError", "DeltaFormatError", "DeltaInfo", "InjectionFailed", "MultiThreaded",
+    "DeltaCRError", "DeltaFormatError", "DeltaInfo", "Gate", "InjectionFailed", "MultiThreaded",
     "NoSuchCheckpoint", "NoSuchProcess", "NotAttached", "NotPermitted", "ProcessCheckpointer",
     "ProcessGone", "ProcessIsZombie", "RestoreFailed", "RollbackResult", "attach",
-    "available_backends", "check", "read_delta",
+    "available_backends", "check", "critical", "read_delta",
 ]

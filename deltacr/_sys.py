@@ -308,6 +308,14 @@ def set_child_subreaper() -> None:
     prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
+PR_SET_TIMERSLACK = 29
+
+
+def set_timer_slack(ns: int) -> None:
+    """For the calling thread: how late the kernel may wake a sleep (default 50 us)."""
+    prctl(PR_SET_TIMERSLACK, ns)
+
+
 class _IoVec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 

@@ -58,8 +58,9 @@ class DirtySet:
 class DirtyTracker(Protocol):
     name: str
 
-    def setup(self, pid: int, run: RunSyscall, vmas: list[Vma]) -> None:
-        """(Re)arm tracking of a stopped process; all its pages count clean after."""
+    def setup(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> None:
+        """(Re)arm tracking of a stopped process; all its pages count clean after.
+        ``get_vmas()`` gives its mappings (only called when needed)."""
 
     def collect(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> DirtySet:
         """While the process is stopped: ranges written since the last collect/setup.
@@ -74,7 +75,7 @@ class CompareTracker:
 
     name = "compare"
 
-    def setup(self, pid: int, run: RunSyscall, vmas: list[Vma]) -> None:
+    def setup(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> None:
         return None
 
     def collect(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> DirtySet:
@@ -102,7 +103,7 @@ class PfnTracker:
 
     name = "pfn"
 
-    def setup(self, pid: int, run: RunSyscall, vmas: list[Vma]) -> None:
+    def setup(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> None:
         return None
 
     def collect(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> DirtySet:
@@ -243,7 +244,7 @@ class SoftDirtyTracker:
         with open(f"/proc/{pid}/clear_refs", "w") as f:
             f.write("4")
 
-    def setup(self, pid: int, run: RunSyscall, vmas: list[Vma]) -> None:
+    def setup(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> None:
         self._clear(pid)
 
     def collect(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> DirtySet:
@@ -294,7 +295,7 @@ class UffdWpTracker:
         self.uffd = self.pagemap = None
         self._unregistered = None
 
-    def setup(self, pid: int, run: RunSyscall, vmas: list[Vma]) -> None:
+    def setup(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> None:
         self._close_ours()
         fd = run(_sys.SYS_userfaultfd, _sys.O_CLOEXEC | _sys.O_NONBLOCK)
         if fd == -errno.EPERM:
@@ -317,7 +318,7 @@ class UffdWpTracker:
         _sys.uffdio_api(self.uffd, self.FEATURES)
         self.pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
         self.untrackable = []
-        for v in vmas:
+        for v in get_vmas():
             if tracked(v):
                 self._register(v.start, v.end)
         self._scan_written()  # write-protect everything: the current state is the base

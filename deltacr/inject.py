@@ -112,7 +112,7 @@ def _wait_stop(pid: int) -> int | None:
     interrupt when nothing came for a second, and accept a trace stop that
     /proc shows but whose wait event was taken already (returns None)."""
     t0 = last = time.monotonic()
-    delay = 0.00005
+    delay = 0.00002
     while True:
         wpid, status = _sys.waitpid(pid, _sys.WNOHANG)
         if wpid:

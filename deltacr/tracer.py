@@ -4,10 +4,12 @@ Threads. Every ptrace call for the session happens on one dedicated *tracer
 thread* (the kernel lets only the attaching thread trace); public methods post a
 closure to it and wait. Between operations the tracer thread services the live
 process: it passes signals on, keeps job-control stops with PTRACE_LISTEN and
-notices an exit (polling ``waitpid(WNOHANG)`` with a short back-off, 0.5-5 ms;
-every 0.25 s when no process runs).
-A second *background thread* writes memory deltas from frozen templates; it
-only reads /proc and never traces.
+notices an exit. A *watcher thread* blocks in ``waitid(WNOWAIT)`` on the live
+process and wakes the tracer thread the moment there is an event (a traced
+process sits in a signal-delivery stop until its tracer acts); the tracer
+thread also polls, every 0.5-20 ms, as a fallback.
+A *background thread* writes memory deltas from frozen templates; it only
+reads /proc and never traces.
 
 Phases. ``stop()`` interrupts the process; ``capture(label)`` collects dirty
 ranges, injects ``fork()`` (the stopped child is the template) and records
@@ -23,7 +25,9 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
@@ -109,6 +113,66 @@ def _perms(m: MapRecord) -> str:
     return "".join(c if m.prot & b else "-" for c, b in (("r", 1), ("w", 2), ("x", 4))) + ("p" if m.private else "s")
 
 
+class _CriticalSections:
+    """Counts callers on a critical path anywhere in this process; while any
+    is, every session's background writer pauses (it competes for the CPUs
+    and the GIL with the forks and ptrace calls the caller waits for)."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._lock = threading.Lock()
+        self.idle = threading.Event()
+        self.idle.set()
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            self._n += 1
+            self.idle.clear()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._n -= 1
+                if self._n == 0:
+                    self.idle.set()
+
+
+critical = _CriticalSections()
+critical.__doc__ = """``with deltacr.critical():`` pauses the background delta writers of
+every session in this process (used around an atomic sandbox checkpoint or
+rollback)."""
+
+
+class Gate:
+    """Holds processes stopped until every part of a larger checkpoint or
+    rollback (other processes, a filesystem) is done: ``open(ok)`` lets them
+    go; ``ok=False`` means "abandon" (a gated rollback then puts the previous
+    process back)."""
+
+    TIMEOUT = 60.0  # a caller that died must not keep its processes stopped forever
+
+    def __init__(self) -> None:
+        self._ev = threading.Event()
+        self.ok = True
+
+    def open(self, ok: bool = True) -> None:
+        self.ok = ok
+        self._ev.set()
+
+    def wait(self) -> bool:
+        if not self._ev.wait(self.TIMEOUT):
+            self.ok = False
+        return self.ok
+
+
+class Stopped(threading.Event):
+    """Set once a gated operation's process is stopped; ``error`` is set
+    first if it could not be (it exited, ...)."""
+
+    error: BaseException | None = None
+
+
 class _TracerThread(threading.Thread):
     """The only thread that makes ptrace calls for a session."""
 
@@ -128,6 +192,11 @@ class _TracerThread(threading.Thread):
         self.q.put((fn, fut))
         return fut.result()
 
+    def submit(self, fn: Callable[[], T]) -> "Future[T]":
+        fut: Future[T] = Future()
+        self.q.put((fn, fut))
+        return fut
+
     def post(self, fn: Callable[[], Any]) -> None:
         self.q.put((fn, Future()))
 
@@ -135,6 +204,10 @@ class _TracerThread(threading.Thread):
         self.q.put(None)
 
     def run(self) -> None:
+        try:  # the waits for a stop poll in sub-100 us sleeps: let them be that short
+            _sys.set_timer_slack(1000)
+        except OSError:
+            pass
         while True:
             try:
                 item = self.q.get(timeout=self.tick)
@@ -146,8 +219,8 @@ class _TracerThread(threading.Thread):
                     busy = False
                 if busy:
                     self.tick = 0.0005
-                elif self.watching():
-                    self.tick = min(self.tick * 2, 0.005)
+                elif self.watching():  # the watcher thread wakes us for events: this is a fallback
+                    self.tick = min(self.tick * 2, 0.02)
                 else:  # nothing runs (process gone or stopped): housekeeping only
                     self.tick = 0.25
                 continue
@@ -210,6 +283,7 @@ class ProcessCheckpointer:
         self._execs: list[int] = []  # the live process called execve since we last looked
         self._orphans: set[int] = set()  # descendants of replaced processes, reaped when they exit
         self._dead_templates: set[int] = set()  # killed templates whose parent still has to reap them
+        self._retiring: list[int] = []  # replaced live processes, still stopped, to kill when idle
         self._lock = threading.RLock()
         self._layouts: dict[int, list[MapRecord]] = {}
         self._hashes: dict[int, dict[int, bytes]] = {}
@@ -233,6 +307,43 @@ class ProcessCheckpointer:
             self._tracer.join()
             raise
         self._bg.start()
+        self._watcher = threading.Thread(target=self._watch, name=f"deltacr-watch-{pid}", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        """Wake the tracer thread the moment the running process has an event
+        for us (a signal-delivery stop to pass on, an exit): a traced process
+        waits in such a stop until we act, so a poll interval would delay
+        every signal it gets (bash gets a SIGCHLD per command it runs). The
+        wait peeks (WNOWAIT); the tracer thread consumes the event."""
+        while not self._cancel:
+            pid = self.live_pid
+            if self.state != "running" or pid is None:
+                time.sleep(0.005)
+                continue
+            try:
+                r = os.waitid(os.P_PID, pid, os.WEXITED | os.WSTOPPED | os.WNOWAIT | _sys.WALL)
+            except ChildProcessError:  # not our tracee any more (replaced, detached)
+                time.sleep(0.005)
+                continue
+            except InterruptedError:
+                continue
+            if r is None or self._cancel:
+                continue
+            serviced = threading.Event()
+
+            def service() -> None:
+                try:
+                    self._idle()
+                finally:
+                    serviced.set()
+            self._tracer.post(service)
+            serviced.wait(1.0)
+            if pid != self.live_pid or self.state != "running":
+                continue
+            # the event may stay (a stop of a process that is not the live one
+            # any more, one only a command consumes): do not spin on it
+            time.sleep(0.0002)
 
     # ------------------------------------------------------------------ tracer side
     def _run_in(self, pid: int, base: _sys.Regs, addr: int = 0) -> Callable[..., int]:
@@ -263,7 +374,7 @@ class ProcessCheckpointer:
             self._syscall_addr = inject.find_syscall_insn(pid)
             regs = _sys.ptrace_getregs(pid)
             try:
-                self.tracker.setup(pid, self._run_in(pid, regs), read_maps(pid))
+                self.tracker.setup(pid, self._run_in(pid, regs), lambda: read_maps(pid))
             except (OSError, InjectionFailed) as e:
                 self.warnings.append(f"{self.tracker.name} tracking unavailable for pid {pid} ({e}); "
                                      "using content compare")
@@ -292,6 +403,9 @@ class ProcessCheckpointer:
 
     def _idle(self) -> bool:
         busy = False
+        if self._retiring and critical.idle.is_set():
+            while self._retiring:
+                self._retire(self._retiring.pop())
         if self.state == "running" and self.live_pid is not None:
             for _ in range(32):
                 what, status = inject.service(self.live_pid)
@@ -366,8 +480,8 @@ class ProcessCheckpointer:
             self._syscall_addr = inject.find_syscall_insn(self.live_pid)
             self.tracker.teardown(None, None)
             try:
-                self.tracker.setup(self.live_pid, self._run_in(self.live_pid, self._regs),
-                                   read_maps(self.live_pid))
+                live = self.live_pid
+                self.tracker.setup(live, self._run_in(live, self._regs), lambda: read_maps(live))
             except (OSError, InjectionFailed) as e:
                 self.warnings.append(f"re-arming dirty tracking after execve in pid {self.live_pid}: {e}")
         return (time.perf_counter() - t) * 1e3
@@ -516,19 +630,31 @@ class ProcessCheckpointer:
             _sys.ptrace_setregs(live, regs)
         return RollbackResult(cid, live, "in-place", (time.perf_counter() - t0) * 1e3, copied, 0, None, warnings)
 
-    def _rollback(self, cid: int, resume: bool = True, in_place: bool = False) -> RollbackResult:
+    def _rollback(self, cid: int, resume: bool = True, in_place: bool = False,
+                  gate: Gate | None = None, stopped: Stopped | None = None) -> RollbackResult:
         t0 = time.perf_counter()
-        self._require_open()
-        if in_place:
-            r = self._rollback_in_place(cid, resume)
-            if r is not None:
-                return r
-        with self._lock:
-            ck = self.session.get(cid)
-            tpl = self.pool.pid(cid)
-        old = self.live_pid if self.state in ("running", "stopped") else None
-        if old is not None and self.state == "running":
-            self._stop()
+        try:
+            self._require_open()
+            if in_place:
+                r = self._rollback_in_place(cid, resume)
+                if r is not None:
+                    return r
+            with self._lock:
+                ck = self.session.get(cid)
+                tpl = self.pool.pid(cid)
+            old = self.live_pid if self.state in ("running", "stopped") else None
+            if old is not None and self.state == "running":
+                try:
+                    self._stop()
+                except ProcessGone:
+                    old = None  # it exited just now: restored like any other
+        except BaseException as e:
+            if stopped is not None:
+                stopped.error = e
+            raise
+        finally:
+            if stopped is not None:
+                stopped.set()
         regs = ck.registers
         warnings: list[str] = []
         new = 0
@@ -592,11 +718,13 @@ class ProcessCheckpointer:
                 # the checkpoint's layout is the new process's layout: skip reading maps
                 with self._lock:
                     layout = self._layouts.get(cid) if path == "fast" else None
-                vmas = [Vma(m.start, m.end, _perms(m), m.offset, m.path) for m in layout] if layout \
-                    else read_maps(new)
-                self.tracker.setup(new, run, vmas)
+                self.tracker.setup(new, run, lambda: [Vma(m.start, m.end, _perms(m), m.offset, m.path)
+                                                      for m in layout] if layout else read_maps(new))
             except (OSError, InjectionFailed) as e:
                 warnings.append(f"dirty tracking could not be re-armed in pid {new}: {e}")
+            if gate is not None and not gate.wait():
+                raise RestoreFailed(f"pid {self.pid}: the rollback to checkpoint {cid} was abandoned "
+                                    "by its caller; the process is as it was")
         except BaseException:
             if new:
                 inject.kill_and_reap(new)
@@ -604,10 +732,9 @@ class ProcessCheckpointer:
                 self._resume()
             raise
         if old is not None:
-            if self._reap:  # stays stopped until retired, right after this call returns
-                self._tracer.post(lambda: self._retire(old))
-            else:
-                self._retire(old)
+            # It stays stopped until retired: once no caller is on a critical
+            # path (its teardown takes CPU time the new processes need now)
+            self._retiring.append(old)
         if resume:
             inject.resume(new, inject.resumable_regs(regs))
         else:
@@ -628,6 +755,8 @@ class ProcessCheckpointer:
     def _close(self, kill_live: bool) -> None:
         if self.state == "closed":
             return
+        while self._retiring:
+            self._retire(self._retiring.pop())
         live = self.live_pid
         if live is not None and self.state in ("running", "stopped"):
             try:
@@ -663,6 +792,7 @@ class ProcessCheckpointer:
         if self._cancel:
             raise DeltaCRError(f"pid {self.pid}: session closed while writing a delta")
         self._quiet.wait()
+        critical.idle.wait()
 
     def _bg_main(self) -> None:
         while True:
@@ -671,6 +801,7 @@ class ProcessCheckpointer:
                 self._bg_q.task_done()
                 return
             self._quiet.wait()  # never start while the tracer is on a critical path
+            critical.idle.wait()
             t = time.perf_counter()
             ck = self.session.checkpoints[job.cid]
             try:
@@ -708,6 +839,42 @@ class ProcessCheckpointer:
     def stop(self) -> float:
         """Stop the live process (ptrace-stop). Returns milliseconds taken."""
         return self._tracer.call(self._stop)
+
+    def checkpoint_gated(self, label: str, gate: Gate) -> tuple[Stopped, "Future[int]"]:
+        """Stop, capture, then keep the process stopped until ``gate`` opens:
+        a checkpoint of several processes plus a filesystem, all frozen at one
+        instant. Returns (set once the process is stopped -- or could not be,
+        see the future --, the future checkpoint id). The checkpoint is taken
+        even when the gate opens with ok=False; the caller ignores it."""
+        stopped = Stopped()
+
+        def op() -> int:
+            try:
+                self._stop()
+            except BaseException as e:
+                stopped.error = e
+                raise
+            finally:
+                stopped.set()
+            try:
+                cid, _ = self._capture(label)
+            except BaseException:
+                self._resume()
+                raise
+            try:
+                gate.wait()
+            finally:
+                self._resume()
+            return cid
+        return stopped, self._tracer.submit(op)
+
+    def rollback_gated(self, cid: int, gate: Gate) -> tuple[Stopped, "Future[RollbackResult]"]:
+        """``rollback(cid)`` in steps: stop the live process (the event is set
+        then), prepare the restored one, then wait for ``gate``: open(True)
+        lets it run (the previous process is ended), open(False) ends it and
+        resumes the previous one, unchanged."""
+        stopped = Stopped()
+        return stopped, self._tracer.submit(lambda: self._rollback(int(cid), gate=gate, stopped=stopped))
 
     def capture(self, label: str = "") -> int:
         """Take a checkpoint of the stopped process; returns its id."""

@@ -130,15 +130,22 @@ class Mount:
             raise cls(res["error"])
         return res["result"]
 
-    def checkpoint(self, label: str = "") -> int:
+    def checkpoint(self, label: str = "", durable: bool = True) -> int:
         """Freeze the current files as a new checkpoint; returns its id once
-        it is durable."""
-        return int(self.checkpoint_timed(label)["id"])
+        it is durable. With ``durable=False`` it returns as soon as the layer
+        is frozen and committed (it survives a crash of the daemon) and is
+        flushed to disk in the background; ``sync()`` waits for that."""
+        return int(self.checkpoint_timed(label, durable)["id"])
 
-    def checkpoint_timed(self, label: str = "") -> dict[str, Any]:
+    def checkpoint_timed(self, label: str = "", durable: bool = True) -> dict[str, Any]:
         """``checkpoint`` with the daemon's timings: ``id``, ``ms`` (all of
         it), ``freeze_ms`` (the layer switch), ``sync_ms`` (making it durable)."""
-        return dict(self._call("checkpoint", label=label))
+        return dict(self._call("checkpoint", label=label, durable=durable))
+
+    def sync(self) -> float:
+        """Wait until every checkpoint is on disk (see ``checkpoint(durable=False)``);
+        returns the milliseconds waited."""
+        return float(self._call("sync")["ms"])
 
     def rollback(self, cid: int) -> dict[str, Any]:
         """Make the mount show exactly checkpoint ``cid``; unsaved changes are

@@ -53,6 +53,15 @@ class Filesystem:
         self.flusher = Flusher(store, self.blobs.dir_fd, os.path.join(store, "index", "data.mdb"))
         self.view.on_written_close = self.flusher.start_writeback
         self.nursery: trio.Nursery | None = None  # set while serving
+        # Checkpoints taken with durable=False: committed (they survive a crash
+        # of this daemon, the kernel holds their pages) but not yet flushed to
+        # the disk. One background task flushes them, all pending at once.
+        self._lazy: set[int] = set()
+        self._lazy_pending = False
+        self._flushing = False
+        self._flushed = trio.Event()
+        self._flushed.set()
+        self._flush_error = ""
         if self.idx.is_new():
             with self.idx.begin(write=True) as txn:
                 self.idx.initialise(txn)
@@ -93,7 +102,15 @@ class Filesystem:
             t0 = time.perf_counter()
             cid, unsynced = view.checkpoint(str(req.get("label") or ""))
             t1 = time.perf_counter()
-            await trio.to_thread.run_sync(self._make_durable, unsynced)
+            if req.get("durable", True):
+                if self._lazy_pending or self._flushing:
+                    # this checkpoint shares blobs with the pending ones: all go together
+                    self._queue_flush(unsynced)
+                    await self.sync()
+                else:
+                    await trio.to_thread.run_sync(self._make_durable, unsynced)
+            else:
+                self._queue_flush(unsynced)
             t2 = time.perf_counter()
             return {"id": cid, "ms": (t2 - t0) * 1e3, "freeze_ms": (t1 - t0) * 1e3,
                     "sync_ms": (t2 - t1) * 1e3, "synced_files": len(unsynced)}
@@ -107,6 +124,10 @@ class Filesystem:
                 self.nursery.start_soon(self._collect)
             return {"invalidated": n, "ms": (t2 - t0) * 1e3, "switch_ms": (t1 - t0) * 1e3,
                     "invalidate_ms": (t2 - t1) * 1e3}
+        if op == "sync":
+            t0 = time.perf_counter()
+            await self.sync()
+            return {"ms": (time.perf_counter() - t0) * 1e3}
         if op == "list":
             return [asdict(c) for c in view.checkpoints()]
         if op == "diff":
@@ -119,6 +140,10 @@ class Filesystem:
             return {"store": self.store, "live_layer": self.idx.live, "pid": os.getpid(),
                     "layers": len(self.idx.layers)}
         if op == "unmount":
+            try:
+                await self.sync()
+            except DeltaFSError:
+                pass  # close() tries the flush once more
             return None
         raise DeltaFSError(f"unknown control operation {op!r}")
 
@@ -133,8 +158,42 @@ class Filesystem:
     def _make_durable(self, unsynced: set[int]) -> None:
         self.flusher.flush([self.blobs.name(b) for b in sorted(unsynced)], self.idx.sync)
 
+    def _queue_flush(self, unsynced: set[int]) -> None:
+        self._lazy |= unsynced
+        self._lazy_pending = True
+        if self._flushed.is_set():
+            self._flushed = trio.Event()
+        if not self._flushing and self.nursery is not None:
+            self._flushing = True
+            self.nursery.start_soon(self._drain_flushes)
+
+    async def _drain_flushes(self) -> None:
+        try:
+            while self._lazy_pending:
+                blobs, self._lazy, self._lazy_pending = self._lazy, set(), False
+                try:
+                    await trio.to_thread.run_sync(self._make_durable, blobs)
+                except OSError as e:
+                    log.error("flushing checkpoints to disk: %s", e)
+                    self._flush_error = f"flushing checkpoints to disk failed: {e}"
+                    self._lazy |= blobs
+        finally:
+            self._flushing = False
+            self._flushed.set()
+
+    async def sync(self) -> None:
+        """Return once every checkpoint taken so far is on disk."""
+        while self._lazy_pending or self._flushing:
+            await self._flushed.wait()
+        if self._flush_error:
+            err, self._flush_error = self._flush_error, ""
+            raise DeltaFSError(err + "; the checkpoints are intact until the next crash of the machine")
+
     def close(self) -> None:
         self.view.flush_dirty()
+        if self._lazy:  # lazily committed checkpoints the background task did not reach
+            self._make_durable(self._lazy)
+            self._lazy = set()
         self.idx.sync()
         self.idx.close()
         self.flusher.close()

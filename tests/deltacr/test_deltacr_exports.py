@@ -10,10 +10,10 @@ import deltacr
 def test_public_names() -> None:
     assert sorted(deltacr.__all__) == sorted([
         "AlreadyTraced", "CheckReport", "CheckpointInfo", "CheckpointResult", "Client", "DaemonError",
-        "DeltaCRError", "DeltaFormatError", "DeltaInfo", "InjectionFailed", "MultiThreaded",
+        "DeltaCRError", "DeltaFormatError", "DeltaInfo", "Gate", "InjectionFailed", "MultiThreaded",
         "NoSuchCheckpoint", "NoSuchProcess", "NotAttached", "NotPermitted", "ProcessCheckpointer",
         "ProcessGone", "ProcessIsZombie", "RestoreFailed", "RollbackResult", "attach",
-        "available_backends", "check", "read_delta",
+        "available_backends", "check", "critical", "read_delta",
     ])
     for name in deltacr.__all__:
         assert hasattr(deltacr, name), name
