@@ -20,6 +20,13 @@ bit-identical to the fast path. Checkpoints form a tree: roll back to any node.
 An experimental third way, ``rollback(id, in_place=True)``, restores the live
 process itself (same pid), copying back only the pages that differ.
 
+Several processes (and a filesystem) checkpoint or roll back as one with
+``checkpoint_gated`` / ``rollback_gated``: each process stops and is forked by
+its own tracer thread at once, then waits for a :class:`Gate` that the caller
+opens when every part is ready (or opens with ``ok=False`` to abandon: a gated
+rollback then resumes the old process untouched). ``with critical():`` pauses
+every background writer of the host process meanwhile.
+
 Layout: ``_sys`` (all raw syscalls and constants), ``procfs`` (reading /proc),
 ``inject`` (syscall injection), ``dirty`` (tracking backends), ``delta`` (file
 format), ``writer`` (background delta writing), ``replay`` (slow path),

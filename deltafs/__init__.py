@@ -26,7 +26,11 @@ Durability: every operation is one LMDB transaction that reaches the OS at
 once, so ``kill -9`` of the daemon loses nothing that was written; the
 blobs and the index are flushed to disk when a checkpoint is taken, before
 its id is returned, with one journal commit on ext4/XFS
-(``deltafs.durability``). Caveats: writes through a writable
+(``deltafs.durability``). ``checkpoint(durable=False)`` returns after the
+freeze and leaves that flush to a background task (``sync()`` waits for
+it): a caller that cannot afford the disk on its critical path (the
+sandbox) still gets a checkpoint that survives a crash of the daemon, and
+one that survives a power cut a few milliseconds later. Caveats: writes through a writable
 ``mmap`` are not tracked specially (they reach us via the kernel like any
 write), base xattrs are not imported, and the base must not change while a
 store uses it.
