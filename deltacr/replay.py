@@ -187,11 +187,19 @@ class _Task:
 def plan(deltas: list[tuple[str, DeltaInfo]], final: list[MapRecord]) -> list[_Task]:
     """Which part of which run ends up in the process: the newest delta wins,
     pages outside the final layout are dropped. Runs entirely superseded by a
-    newer delta are never read."""
+    newer delta are never read.
+
+    A page of an older delta is also dropped where any newer delta's layout
+    did not map that address: the memory was unmapped then (a heap trimmed
+    by brk, an arena munmapped) and what is there now was mapped afresh --
+    zero, or recorded by a newer delta. (Writing the old page there was a
+    bug: a heap trimmed at one checkpoint and grown again by the next got
+    stale pages back, and glibc's malloc found its lists corrupted.)"""
     cover = _Cover()
     tasks: list[_Task] = []
     keep = merge([(m.start, m.end) for m in final if not m.special])
     for path, info in reversed(deltas):
+        keep = intersect(keep, merge([(m.start, m.end) for m in info.maps if not m.special]))
         for r in info.runs:
             s, e = r.addr, r.addr + r.npages * info.page_size
             new = cover.add_uncovered(s, e)

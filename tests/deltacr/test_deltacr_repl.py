@@ -68,6 +68,33 @@ def test_split_phases_report_critical_and_background_time(lab: Lab, store: str) 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_slow_path_memory_unmapped_then_mapped_again_comes_back_zero(lab: Lab, store: str,
+                                                                     backend: str) -> None:
+    # A region written at checkpoint 2, unmapped at 3, mapped again (never
+    # written) at 4: the slow path to 4 must not put checkpoint 2's pages back.
+    r = lab.repl("import ctypes; libc = ctypes.CDLL(None, use_errno=True); libc.mmap.restype = ctypes.c_void_p; "
+                 "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, "
+                 "ctypes.c_int, ctypes.c_long]; libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]; "
+                 "N = 256 << 10; RW = 3; FLAGS = 0x02 | 0x20")  # MAP_PRIVATE | MAP_ANONYMOUS
+    cp = lab.checkpointer(r.pid, store, backend=backend, max_templates=8)
+    cp.checkpoint("root")
+    r.run("A = libc.mmap(None, N, RW, FLAGS, -1, 0); ctypes.memset(A, 0x41, N)")
+    c2 = cp.checkpoint("written").id
+    r.run("libc.munmap(A, N)")
+    c3 = cp.checkpoint("unmapped").id
+    r.run("B = libc.mmap(A, N, RW, FLAGS | 0x100000, -1, 0)")  # MAP_FIXED_NOREPLACE: the same place
+    assert r.eval("B == A")
+    c4 = cp.checkpoint("mapped again").id
+    r.run("ctypes.memset(B, 0x42, N)")
+    cp.wait_background()
+    for c in (c4, c3, c2):
+        assert cp.evict(c)
+    res = cp.rollback(c4)
+    assert res.path == "slow" and res.base == 1
+    assert r.eval("ctypes.string_at(B, N) == bytes(N)"), "stale pages of an unmapped region came back"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_slow_path_is_bit_identical_to_fast_path(lab: Lab, store: str, backend: str) -> None:
     r = lab.repl("a = bytearray(8 << 20); a[::4096] = b'a' * (len(a) // 4096); keep = []")
     r.run(RSEQ_SETUP)
