@@ -2,8 +2,9 @@
 
 A checkpoint stops the process with ptrace, injects ``fork()`` into it and keeps
 the stopped child as a *template*: a frozen copy-on-write image of the whole
-process, taken in about the time of a fork. Registers, file offsets, cwd and
-signal mask are recorded; the process resumes. Afterwards, off the critical
+process, taken in about the time of a fork. Registers (general and
+x87/SSE/AVX), file offsets, cwd and signal mask are recorded; the process
+resumes. Afterwards, off the critical
 path, a background thread reads the pages written since the parent checkpoint
 (found by PAGEMAP_SCAN + userfaultfd write-protect, soft-dirty, or content
 comparison, or -- backend ``pfn`` -- by comparing the page frames of two

@@ -183,6 +183,27 @@ def ptrace_setregs(pid: int, regs: Regs) -> None:
     ptrace(PTRACE_SETREGS, pid, 0, ctypes.cast(ctypes.byref(regs), ctypes.c_void_p))
 
 
+PTRACE_GETREGSET = 0x4204
+PTRACE_SETREGSET = 0x4205
+NT_X86_XSTATE = 0x202
+XSTATE_MAX = 16384  # the XSAVE area: 576 bytes + AVX (256), AVX-512 (~2 KiB), AMX (8 KiB)
+
+
+def ptrace_get_xstate(pid: int) -> bytes:
+    """The tracee's x87/SSE/AVX state (the XSAVE area): not part of
+    PTRACE_GETREGS, and live whenever the process was stopped mid-computation."""
+    buf = ctypes.create_string_buffer(XSTATE_MAX)
+    iov = _IoVec(ctypes.addressof(buf), XSTATE_MAX)
+    ptrace(PTRACE_GETREGSET, pid, NT_X86_XSTATE, ctypes.cast(ctypes.byref(iov), ctypes.c_void_p))
+    return buf.raw[:iov.iov_len]
+
+
+def ptrace_set_xstate(pid: int, data: bytes) -> None:
+    buf = ctypes.create_string_buffer(data, len(data))
+    iov = _IoVec(ctypes.addressof(buf), len(data))
+    ptrace(PTRACE_SETREGSET, pid, NT_X86_XSTATE, ctypes.cast(ctypes.byref(iov), ctypes.c_void_p))
+
+
 def ptrace_geteventmsg(pid: int) -> int:
     msg = ctypes.c_ulong(0)
     ptrace(PTRACE_GETEVENTMSG, pid, 0, ctypes.cast(ctypes.byref(msg), ctypes.c_void_p))

@@ -47,6 +47,7 @@ class Checkpoint:
     critical_ms: float = 0.0
     background_ms: float = 0.0
     syscall_addr: int = 0  # a `syscall` instruction in this checkpoint's address space (its vDSO)
+    xstate: bytes = b""  # x87/SSE/AVX registers (PTRACE_GETREGSET NT_X86_XSTATE)
 
     @property
     def registers(self) -> Regs:
@@ -55,12 +56,14 @@ class Checkpoint:
     def to_json(self) -> dict:  # type: ignore[type-arg]
         d = asdict(self)
         d["regs"] = self.regs.hex()
+        d["xstate"] = self.xstate.hex()
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "Checkpoint":  # type: ignore[type-arg]
         d = dict(d)
         d["regs"] = bytes.fromhex(d["regs"])
+        d["xstate"] = bytes.fromhex(d.get("xstate", ""))
         d["fds"] = [FdPos(**x) for x in d["fds"]]
         return cls(**d)
 

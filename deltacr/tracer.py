@@ -495,6 +495,7 @@ class ProcessCheckpointer:
         if n > 1:
             raise MultiThreaded(f"pid {live} (session {self.pid}) now has {n} threads: fork() copies only "
                                 "the calling thread; no checkpoint taken (call resume())")
+        xstate = _sys.ptrace_get_xstate(live)
         dirty = self.tracker.collect(live, self._run_in(live, regs), lambda: read_maps(live))
         inject.set_options(live, LIVE_OPTIONS | _sys.PTRACE_O_TRACEFORK)
         try:
@@ -506,7 +507,7 @@ class ProcessCheckpointer:
         with self._lock:
             cid = self.session.new_id()
             ck = Checkpoint(cid, self.current, label, time.time(), regs.to_bytes(), fds,
-                            syscall_addr=self._syscall_addr)
+                            syscall_addr=self._syscall_addr, xstate=xstate)
             self.session.checkpoints[cid] = ck
             self.pool.add(cid, tpl, root=self.current is None)
             self._done[cid] = threading.Event()
@@ -613,6 +614,8 @@ class ProcessCheckpointer:
                 cwd, sigmask = read_cwd(tpl), signal_mask(tpl)
             warnings = self._set_fds(live, run, ck, slow=True)
             warnings += restore_cwd_and_mask(live, run, cwd, sigmask)
+            if ck.xstate:
+                _sys.ptrace_set_xstate(live, ck.xstate)
         except BaseException:
             # the process is half restored: it cannot continue as it was
             os.kill(live, signal.SIGKILL)
@@ -706,6 +709,8 @@ class ProcessCheckpointer:
                 delta_bytes = stats.delta_bytes
                 warnings += restore_cwd_and_mask(new, run, ck.cwd, ck.sigmask)
                 warnings += self._set_fds(new, run, ck, slow=True)
+                if ck.xstate:  # the base template's vector registers are not this checkpoint's
+                    _sys.ptrace_set_xstate(new, ck.xstate)
                 if self.rehydrate:
                     inject.set_options(new, LIVE_OPTIONS | _sys.PTRACE_O_TRACEFORK)
                     tnew = inject.fork(new, regs, addr)
