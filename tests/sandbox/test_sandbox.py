@@ -147,3 +147,22 @@ def test_bad_input(sb: deltabox.Sandbox, base: Path) -> None:
         sb.rollback(s)
     with pytest.raises(deltabox.DeltaBoxError, match="not a directory"):
         deltabox.Sandbox(str(base / "nope"))
+
+
+def test_a_rollback_whose_files_cannot_be_switched_changes_nothing(sb: deltabox.Sandbox) -> None:
+    # The processes are forked from their templates while the files switch;
+    # when the switch fails, those are thrown away and the old ones go on.
+    sh, py = start_shells(sb)
+    ask(py, "x = 'old'")
+    ask(sh, "V=old; echo old > f")
+    s = sb.checkpoint().id
+    ask(py, "x = 'new'")
+    ask(sh, "V=new; echo new > f")
+    pids = (sh.pid, py.pid)
+    sb.fs.drop(sb.states()[-1].fs_checkpoint)  # behind the sandbox's back
+    with pytest.raises(deltabox.RollbackFailed, match="nothing changed"):
+        sb.rollback(s)
+    assert (sh.pid, py.pid) == pids
+    assert ask(py, "print(x)") == "new"
+    assert ask(sh, "echo $V; cat f") == "new\nnew"
+    assert sb.current == s  # the state tree is untouched too
