@@ -242,8 +242,7 @@ class Sandbox:
         except BaseException:
             gate.open(False)
             for _p, _s, fut in pending:
-                exc = fut.exception()
-                del exc
+                fut.exception()  # wait until it runs again; our error is the one to report
             raise
         gate.open(True)
         caps: dict[str, int] = {}
