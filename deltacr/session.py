@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 
 from ._sys import Regs
@@ -56,14 +57,15 @@ class Checkpoint:
     def to_json(self) -> dict:  # type: ignore[type-arg]
         d = asdict(self)
         d["regs"] = self.regs.hex()
-        d["xstate"] = self.xstate.hex()
+        d["xstate"] = zlib.compress(self.xstate).hex() if self.xstate else ""  # mostly zeros: ~5 KiB -> ~0.3
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "Checkpoint":  # type: ignore[type-arg]
         d = dict(d)
         d["regs"] = bytes.fromhex(d["regs"])
-        d["xstate"] = bytes.fromhex(d.get("xstate", ""))
+        x = d.get("xstate", "")
+        d["xstate"] = zlib.decompress(bytes.fromhex(x)) if x else b""
         d["fds"] = [FdPos(**x) for x in d["fds"]]
         return cls(**d)
 

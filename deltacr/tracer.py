@@ -161,9 +161,8 @@ class Gate:
         self._ev.set()
 
     def wait(self) -> bool:
-        if not self._ev.wait(self.TIMEOUT):
-            self.ok = False
-        return self.ok
+        """True: go on; False: abandon (also when nobody opened it in TIMEOUT s)."""
+        return self.ok if self._ev.wait(self.TIMEOUT) else False
 
 
 class Stopped(threading.Event):
@@ -495,7 +494,13 @@ class ProcessCheckpointer:
         if n > 1:
             raise MultiThreaded(f"pid {live} (session {self.pid}) now has {n} threads: fork() copies only "
                                 "the calling thread; no checkpoint taken (call resume())")
-        xstate = _sys.ptrace_get_xstate(live)
+        try:
+            xstate = _sys.ptrace_get_xstate(live)
+        except OSError as e:  # no XSAVE: the slow path then keeps the base template's vector registers
+            xstate = b""
+            if not any("vector registers" in w for w in self.warnings):
+                self.warnings.append(f"pid {live}: the vector registers cannot be read ({e}); a slow-path "
+                                     "restore of a process stopped mid-computation may go wrong")
         dirty = self.tracker.collect(live, self._run_in(live, regs), lambda: read_maps(live))
         inject.set_options(live, LIVE_OPTIONS | _sys.PTRACE_O_TRACEFORK)
         try:
@@ -707,10 +712,16 @@ class ProcessCheckpointer:
                 stats = replay(new, run, deltas)
                 replayed = stats.bytes_written
                 delta_bytes = stats.delta_bytes
-                warnings += restore_cwd_and_mask(new, run, ck.cwd, ck.sigmask)
-                warnings += self._set_fds(new, run, ck, slow=True)
                 if ck.xstate:  # the base template's vector registers are not this checkpoint's
                     _sys.ptrace_set_xstate(new, ck.xstate)
+            # Past the gate the caller's other parts (a filesystem switch) are
+            # done: paths (cwd, files to reopen) resolve in the right files.
+            if gate is not None and not gate.wait():
+                raise RestoreFailed(f"pid {self.pid}: the rollback to checkpoint {cid} was abandoned "
+                                    "by its caller; the process is as it was")
+            if path == "slow":
+                warnings += restore_cwd_and_mask(new, run, ck.cwd, ck.sigmask)
+                warnings += self._set_fds(new, run, ck, slow=True)
                 if self.rehydrate:
                     inject.set_options(new, LIVE_OPTIONS | _sys.PTRACE_O_TRACEFORK)
                     tnew = inject.fork(new, regs, addr)
@@ -727,23 +738,26 @@ class ProcessCheckpointer:
                                                       for m in layout] if layout else read_maps(new))
             except (OSError, InjectionFailed) as e:
                 warnings.append(f"dirty tracking could not be re-armed in pid {new}: {e}")
-            if gate is not None and not gate.wait():
-                raise RestoreFailed(f"pid {self.pid}: the rollback to checkpoint {cid} was abandoned "
-                                    "by its caller; the process is as it was")
+            if resume:
+                inject.resume(new, inject.resumable_regs(regs))
+            else:
+                _sys.ptrace_setregs(new, regs)
         except BaseException:
             if new:
                 inject.kill_and_reap(new)
             if old is not None:
-                self._resume()
+                if gate is not None and gate.wait():
+                    # The caller went on (its files are switched): the old
+                    # process must not run in them. It ends; the error says why.
+                    self._retire(old)
+                    self.state = "gone"
+                else:
+                    self._resume()
             raise
         if old is not None:
             # It stays stopped until retired: once no caller is on a critical
             # path (its teardown takes CPU time the new processes need now)
             self._retiring.append(old)
-        if resume:
-            inject.resume(new, inject.resumable_regs(regs))
-        else:
-            _sys.ptrace_setregs(new, regs)
         with self._lock:
             self._syscall_addr = addr
             self._execs.clear()
@@ -875,9 +889,14 @@ class ProcessCheckpointer:
 
     def rollback_gated(self, cid: int, gate: Gate) -> tuple[Stopped, "Future[RollbackResult]"]:
         """``rollback(cid)`` in steps: stop the live process (the event is set
-        then), prepare the restored one, then wait for ``gate``: open(True)
-        lets it run (the previous process is ended), open(False) ends it and
-        resumes the previous one, unchanged."""
+        then), fork the restored one (and replay its memory on the slow path),
+        then wait for ``gate``. open(True): it is finished (cwd and files
+        reopened by path on the slow path only now, so they resolve in the
+        caller's switched filesystem) and runs; the previous process is killed
+        once no caller is on a critical path. open(False): it is thrown away
+        and the previous one resumes, unchanged. A failure after the gate
+        opened ends the previous process instead (it must not run in the
+        switched files); the error says so."""
         stopped = Stopped()
         return stopped, self._tracer.submit(lambda: self._rollback(int(cid), gate=gate, stopped=stopped))
 

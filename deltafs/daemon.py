@@ -29,7 +29,7 @@ import trio
 
 from .base import import_base
 from .blobs import Blobs
-from .durability import Flusher
+from .durability import Flusher, syncfs
 from .errors import (AlreadyMountedError, BaseMissingError, DeltaFSError, StoreCorruptError,
                      StoreLockedError, UnknownCheckpointError)
 from .fuseops import Operations, invalidate
@@ -62,6 +62,7 @@ class Filesystem:
         self._flushed = trio.Event()
         self._flushed.set()
         self._flush_error = ""
+        self._lazy_marker = os.path.join(store, "flush.pending")
         if self.idx.is_new():
             with self.idx.begin(write=True) as txn:
                 self.idx.initialise(txn)
@@ -74,6 +75,10 @@ class Filesystem:
             self.view.clear_caches()
             self.idx.sync()
         else:
+            if os.path.exists(self._lazy_marker):
+                # the last daemon died with checkpoints committed but not flushed
+                syncfs(store)
+                os.unlink(self._lazy_marker)
             self.idx.load()
             self.blobs.delete(self.view.collect())
             self._sweep_blobs()
@@ -159,13 +164,22 @@ class Filesystem:
         self.flusher.flush([self.blobs.name(b) for b in sorted(unsynced)], self.idx.sync)
 
     def _queue_flush(self, unsynced: set[int]) -> None:
+        if not self._lazy_pending and not self._flushing:
+            # A crash of this daemon before the flush is done leaves this
+            # marker: the next mount then flushes the whole store's filesystem.
+            os.close(os.open(self._lazy_marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._lazy |= unsynced
         self._lazy_pending = True
+        if not self._flushing:
+            self._start_drain()
+
+    def _start_drain(self) -> None:
+        if self.nursery is None:
+            return
+        self._flushing = True
         if self._flushed.is_set():
             self._flushed = trio.Event()
-        if not self._flushing and self.nursery is not None:
-            self._flushing = True
-            self.nursery.start_soon(self._drain_flushes)
+        self.nursery.start_soon(self._drain_flushes)
 
     async def _drain_flushes(self) -> None:
         try:
@@ -173,21 +187,34 @@ class Filesystem:
                 blobs, self._lazy, self._lazy_pending = self._lazy, set(), False
                 try:
                     await trio.to_thread.run_sync(self._make_durable, blobs)
-                except OSError as e:
+                except BaseException as e:  # also cancellation: close() flushes what is left
+                    self._lazy |= blobs
+                    self._lazy_pending = True
+                    if not isinstance(e, Exception):
+                        raise
                     log.error("flushing checkpoints to disk: %s", e)
                     self._flush_error = f"flushing checkpoints to disk failed: {e}"
-                    self._lazy |= blobs
+                    return  # the next sync() or checkpoint tries again
+            try:
+                os.unlink(self._lazy_marker)
+            except FileNotFoundError:
+                pass
         finally:
             self._flushing = False
             self._flushed.set()
 
     async def sync(self) -> None:
-        """Return once every checkpoint taken so far is on disk."""
+        """Return once every checkpoint taken so far is on disk; a flush that
+        failed is tried again, and its error raised if it fails again."""
+        self._flush_error = ""
         while self._lazy_pending or self._flushing:
+            if not self._flushing:
+                self._start_drain()
             await self._flushed.wait()
-        if self._flush_error:
-            err, self._flush_error = self._flush_error, ""
-            raise DeltaFSError(err + "; the checkpoints are intact until the next crash of the machine")
+            if self._flush_error:
+                err, self._flush_error = self._flush_error, ""
+                raise DeltaFSError(err + "; the checkpoints are intact until the machine crashes; "
+                                   "call sync again once the disk is back")
 
     def close(self) -> None:
         self.view.flush_dirty()
@@ -195,6 +222,10 @@ class Filesystem:
             self._make_durable(self._lazy)
             self._lazy = set()
         self.idx.sync()
+        try:
+            os.unlink(self._lazy_marker)
+        except FileNotFoundError:
+            pass
         self.idx.close()
         self.flusher.close()
         self.blobs.close()

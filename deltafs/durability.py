@@ -47,6 +47,18 @@ def fs_type(path: str) -> str:
     return kind
 
 
+def syncfs(path: str) -> None:
+    """Flush the whole filesystem holding ``path`` (used once, at the mount
+    after a crash that left checkpoints not yet flushed)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 def _range(fd: int, flags: int) -> None:
     if _sync_file_range(fd, 0, 0, flags) != 0:
         err = ctypes.get_errno()

@@ -588,7 +588,8 @@ class View:
     def checkpoint(self, label: str) -> tuple[int, set[int]]:
         """Freeze the live layer and push an empty one. Returns the new
         checkpoint's id and the blobs written since the last checkpoint; the
-        caller makes those and the index durable before telling anyone."""
+        caller makes those and the index durable (before answering, or in
+        the background for ``durable=False``)."""
         self.flush_dirty()
         idx = self.idx
         with idx.begin(write=True) as txn:
