@@ -166,3 +166,26 @@ def test_a_rollback_whose_files_cannot_be_switched_changes_nothing(sb: deltabox.
     assert ask(py, "print(x)") == "new"
     assert ask(sh, "echo $V; cat f") == "new\nnew"
     assert sb.current == s  # the state tree is untouched too
+
+
+def test_slow_path_rollback_reopens_files_of_the_target_state(base: Path, tmp_path: Path) -> None:
+    # With few templates a state comes back through DeltaCR's slow path, which
+    # reopens the files its process had open by path: in the target state's
+    # files (they exist only there), so only once the files are switched.
+    (base / "data.txt").write_text("abcdefgh")
+    with deltabox.Sandbox(str(base), workdir=str(tmp_path / "w2"), max_templates=2) as sb:
+        py = sb.spawn(["python3", "-u", "-q", "-i"], name="py",
+                      env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+        py.send("import sys, os; sys.ps1 = ''; sys.ps2 = ''; print('ready')\n")
+        py.expect("ready\n")
+        sb.checkpoint("root")
+        ask(py, "f = open('data.txt'); f.read(3)")
+        a = sb.checkpoint("file open").id
+        ask(py, "f.close(); os.unlink('data.txt')")
+        for i in range(4):
+            ask(py, f"y = {i}")
+            sb.checkpoint(f"later {i}")
+            sb.wait_background()
+        r = sb.rollback(a)
+        assert r.paths["py"] == "slow"
+        assert ask(py, "print(f.read())") == "defgh"
