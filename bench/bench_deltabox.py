@@ -703,18 +703,13 @@ def render(report: dict[str, Any]) -> str:
     # targets
     rows = []
     if d and "error" not in d:
-        v = d["checkpoint_critical_ms"]["p50"]
-        ok = v <= CKPT_P50_MS
-        rows.append(["DeltaBox checkpoint critical path p50", f"{v:.2f} ms", f"<= {CKPT_P50_MS:g} ms",
-                     verdict(ok)])
-        if not ok:
-            misses.append(f"DeltaBox checkpoint critical_ms p50 {v:.2f} ms > {CKPT_P50_MS:g} ms")
-        v = d["rollback_ms"]["p50"]
-        ok = v <= ROLLBACK_P50_MS
-        rows.append(["DeltaBox rollback p50 (caller)", f"{v:.2f} ms", f"<= {ROLLBACK_P50_MS:g} ms",
-                     verdict(ok)])
-        if not ok:
-            misses.append(f"DeltaBox rollback p50 {v:.2f} ms > {ROLLBACK_P50_MS:g} ms")
+        for what, key, limit in (("checkpoint critical path p50", "checkpoint_critical_ms", CKPT_P50_MS),
+                                 ("rollback p50 (caller)", "rollback_ms", ROLLBACK_P50_MS)):
+            v = d[key]["p50"]
+            ok = v <= limit
+            rows.append([f"DeltaBox {what}", f"{v:.2f} ms", f"<= {limit:g} ms", verdict(ok)])
+            if not ok:
+                misses.append(f"DeltaBox {what} {v:.2f} ms > {limit:g} ms")
         ratio = d["e2e_ratio"]
         ok = (ratio <= E2E_RATIO) if (ratio and inf >= 1) else None
         rows.append(["DeltaBox end-to-end / floor", f"{ratio:.3f}x" if ratio else "-",

@@ -133,6 +133,12 @@ def probe_uffd_wp() -> Probe:
         region.close()
 
 
+def _own_pagemap_entry(addr: int) -> int:
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(addr // _sys.PAGE_SIZE * 8)
+        return int.from_bytes(f.read(8), "little")
+
+
 def probe_soft_dirty() -> Probe:
     region = mmap.mmap(-1, _sys.PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(region))
@@ -144,9 +150,7 @@ def probe_soft_dirty() -> Probe:
         except OSError as e:
             return Probe("soft-dirty", False, f"clear_refs: {_why(e)}")
         region[0] = 2
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek(addr // _sys.PAGE_SIZE * 8)
-            entry = int.from_bytes(f.read(8), "little")
+        entry = _own_pagemap_entry(addr)
         if entry >> 55 & 1:
             return Probe("soft-dirty", True, "pagemap bit 55 set after a write")
         return Probe("soft-dirty", False,
@@ -161,9 +165,7 @@ def probe_pfn() -> Probe:
     addr = ctypes.addressof(ctypes.c_char.from_buffer(region))
     try:
         region[0] = 1
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek(addr // _sys.PAGE_SIZE * 8)
-            entry = int.from_bytes(f.read(8), "little")
+        entry = _own_pagemap_entry(addr)
         if entry >> 63 and entry & ((1 << 55) - 1):
             return Probe("pagemap frame numbers", True, "visible: the pfn backend can compare templates")
         return Probe("pagemap frame numbers", False, "hidden (needs CAP_SYS_ADMIN): no pfn backend")

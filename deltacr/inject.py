@@ -136,16 +136,21 @@ def _wait_stop(pid: int) -> int | None:
         delay = min(delay * 2, 0.002)
 
 
-def resume(pid: int, regs: Regs | None, pending: list[int] = []) -> None:  # noqa: B006
-    """Set regs (if given) and let the tracee run; re-send pending signals."""
-    if regs is not None:
-        _sys.ptrace_setregs(pid, regs)
-    _sys.ptrace(_sys.PTRACE_CONT, pid, 0, 0)
+def _resend(pid: int, pending: list[int]) -> None:
+    """Signals suppressed while the tracee was stopped for us go to it now."""
     for sig in pending:
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def resume(pid: int, regs: Regs | None, pending: list[int] = []) -> None:  # noqa: B006
+    """Set regs (if given) and let the tracee run; re-send pending signals."""
+    if regs is not None:
+        _sys.ptrace_setregs(pid, regs)
+    _sys.ptrace(_sys.PTRACE_CONT, pid, 0, 0)
+    _resend(pid, pending)
 
 
 def _step(pid: int, syscall_addr: int) -> Regs:
@@ -248,11 +253,7 @@ def kill_and_reap(pid: int) -> None:
 def detach(pid: int, pending: list[int] = []) -> None:  # noqa: B006
     """Detach a stopped tracee and let it run."""
     _sys.ptrace(_sys.PTRACE_DETACH, pid, 0, 0)
-    for sig in pending:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+    _resend(pid, pending)
 
 
 def service(pid: int) -> tuple[str, int]:

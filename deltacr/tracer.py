@@ -187,9 +187,7 @@ class _TracerThread(threading.Thread):
     def call(self, fn: Callable[[], T]) -> T:
         if threading.current_thread() is self:
             return fn()
-        fut: Future[T] = Future()
-        self.q.put((fn, fut))
-        return fut.result()
+        return self.submit(fn).result()
 
     def submit(self, fn: Callable[[], T]) -> "Future[T]":
         fut: Future[T] = Future()
@@ -318,7 +316,8 @@ class ProcessCheckpointer:
         while not self._cancel:
             pid = self.live_pid
             if self.state != "running" or pid is None:
-                time.sleep(0.005)
+                # stopped: an operation is under way, soon over; gone: maybe for good
+                time.sleep(0.005 if self.state == "stopped" else 0.1)
                 continue
             try:
                 r = os.waitid(os.P_PID, pid, os.WEXITED | os.WSTOPPED | os.WNOWAIT | _sys.WALL)
