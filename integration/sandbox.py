@@ -162,8 +162,8 @@ class Sandbox:
     ``backend`` is DeltaCR's dirty-page tracking; "auto" takes "pfn" where
     page frame numbers are visible (root): it puts nothing on the critical
     path of a checkpoint or a rollback (uffd-wp costs a scan per checkpoint
-    and a re-arm per restored process, 0.6 and 1.6 ms for a 55 MB REPL
-    here); otherwise DeltaCR's own default."""
+    and a re-arm per restored process: about 0.6 and 1.6 ms for a 55 MB
+    REPL, timed while profiling); otherwise DeltaCR's own default."""
 
     def __init__(self, base: str, *, workdir: str | None = None, max_templates: int = 128,
                  options: tuple[str, ...] = (), backend: str = "auto") -> None:
