@@ -32,7 +32,7 @@ from .blobs import Blobs
 from .durability import Flusher, syncfs
 from .errors import (AlreadyMountedError, BaseMissingError, DeltaFSError, StoreCorruptError,
                      StoreLockedError, UnknownCheckpointError)
-from .fuseops import Operations, invalidate
+from .fuseops import INODE_HANDLES_AVAILABLE, Operations, invalidate
 from .index import BLOB, Index
 from .records import from_u64
 from .mounts import FSTYPE, SOURCE_PREFIX, canonical, is_dead, top_mount
@@ -143,7 +143,7 @@ class Filesystem:
             return None
         if op == "status":
             return {"store": self.store, "live_layer": self.idx.live, "pid": os.getpid(),
-                    "layers": len(self.idx.layers)}
+                    "layers": len(self.idx.layers), "kernel_opens": view.inode_handles}
         if op == "unmount":
             try:
                 await self.sync()
@@ -347,7 +347,11 @@ def serve(mountpoint: str, store: str, base: str | None, options: list[str],
         opts |= {f"fsname={SOURCE_PREFIX}{store}", "subtype=deltafs", "default_permissions"}
         opts |= set(options)
         sock = _listen(os.path.join(store, "control.sock"))
-        pyfuse3.init(Operations(fs.view, store), mp, opts)
+        handles = os.environ.get("DELTAFS_HANDLES") == "1" or not INODE_HANDLES_AVAILABLE
+        if not INODE_HANDLES_AVAILABLE:
+            log.warning("stock pyfuse3: every open and directory listing costs a request "
+                        "to this daemon; ./run.sh installs the deltafs build of pyfuse3")
+        pyfuse3.init(Operations(fs.view, store, inode_handles=not handles), mp, opts)
         mounted = True
     except (DeltaFSError, OSError, RuntimeError) as e:
         if fs is not None:

@@ -37,6 +37,7 @@ from .records import F_BASE, F_OWNED, L_DROPPED, L_FROZEN, NO_BLOB, Inode, Layer
 
 ROOT = 1
 _CACHE_MAX = 200_000  # entries per cache; past that, lookups go to the index
+_FILES_MAX = 512  # open contents kept for inode-named requests; the least recent go first
 
 
 @dataclass(slots=True)
@@ -50,6 +51,7 @@ class OpenData:
     blob: int = NO_BLOB  # the blob behind fd when the live layer owns it
     refs: int = 0
     orphan: bool = False  # unlinked while open: lives only in ``fd``
+    kept: bool = False  # held for requests that name the inode (``View.content``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,11 @@ class View:
         self._pending: dict[Any, Any] | None = None
         self.files: dict[int, OpenData] = {}
         self.orphans: dict[int, Inode] = {}  # unlinked while open: fstat still works
+        # True when the kernel opens files without telling us (no OPEN and
+        # RELEASE requests; reads and writes name the inode): we cannot know
+        # whether an unlinked inode is still open, so each one stays an
+        # orphan, with its content open, until the kernel forgets the inode.
+        self.inode_handles = False
         self.epoch = 0
         self.unsynced: set[int] = set()  # blobs written since the last checkpoint
         # Called with the descriptor of a blob that was written, when its
@@ -215,11 +222,18 @@ class View:
         self._touch(rec.ino, None)
         self.idx.remove(txn, INO, u64(rec.ino))
         od = self.files.get(rec.ino)
-        if od is not None:
-            od.orphan = True
+        owned = rec.flags & F_OWNED and rec.layer == self.idx.live and rec.blob != NO_BLOB
+        if od is None and owned and self.inode_handles:
+            # the blob is deleted below: keep its content for a process that may hold it open
+            od = OpenData(rec.ino, self.blobs.open(rec.blob, write=True), self.idx.live,
+                          self.epoch, blob=rec.blob, kept=True)
+            self.files[rec.ino] = od
+        if od is not None or self.inode_handles:
+            if od is not None:
+                od.orphan = True
             rec.nlink = 0
             self.orphans[rec.ino] = rec
-        if rec.flags & F_OWNED and rec.layer == self.idx.live and rec.blob != NO_BLOB:
+        if owned:
             # Created in the live layer, so no checkpoint can refer to it;
             # an open descriptor keeps the data alive until it is closed.
             self.blobs.delete([rec.blob])
@@ -473,22 +487,53 @@ class View:
             if stat.S_ISDIR(rec.mode):
                 raise FSError(errno.EISDIR)
             fd, owner, blob = self._source(rec)
-            od = OpenData(ino, fd, owner, self.epoch, blob=blob)
+            # an orphan without open content: never write it back to the index
+            od = OpenData(ino, fd, owner, self.epoch, blob=blob, orphan=ino in self.orphans)
             self.files[ino] = od
         od.refs += 1
         return od
 
     def release(self, od: OpenData) -> None:
         od.refs -= 1
-        if od.refs <= 0:
-            if not od.orphan:
-                self.flush_dirty(od.ino)
-                if od.blob in self.unsynced and self.on_written_close is not None:
-                    self.on_written_close(od.fd)
-            if od.fd >= 0:
-                os.close(od.fd)
-            if self.files.get(od.ino) is od:
-                del self.files[od.ino]
+        if od.refs <= 0 and not od.kept:
+            self._close(od)
+
+    def content(self, ino: int) -> OpenData:
+        """The open content of ``ino`` for a request that names the inode
+        rather than a handle. It stays open until ``forget(ino)``, or until
+        it is the least recently used of too many."""
+        od = self.files.pop(ino, None)
+        if od is not None:
+            self.files[ino] = od  # dicts keep order: most recent last
+            od.kept = True
+            return od
+        od = self.acquire(ino)
+        od.refs -= 1
+        od.kept = True
+        if len(self.files) > _FILES_MAX:
+            spare = [o for o in list(self.files.values())[:len(self.files) - _FILES_MAX + 64]
+                     if o.refs <= 0 and not o.orphan]
+            for o in spare:
+                self._close(o)
+        return od
+
+    def forget(self, ino: int) -> None:
+        """The kernel dropped ``ino``: no process holds it open any more."""
+        od = self.files.get(ino)
+        if od is not None and od.refs <= 0:
+            self._close(od)
+        self.orphans.pop(ino, None)
+
+    def _close(self, od: OpenData) -> None:
+        if not od.orphan:
+            self.flush_dirty(od.ino)
+            if od.blob in self.unsynced and self.on_written_close is not None:
+                self.on_written_close(od.fd)
+        if od.fd >= 0:
+            os.close(od.fd)
+        if self.files.get(od.ino) is od:
+            del self.files[od.ino]
+            if not self.inode_handles:
                 self.orphans.pop(od.ino, None)
 
     def _fresh(self, od: OpenData) -> None:

@@ -77,6 +77,27 @@ def test_unsaved_changes_discarded_and_caches_not_stale(env: Env) -> None:
     assert (mnt / "README").read_text() == "changed" and not (mnt / "ghost").exists()
 
 
+def test_cached_directory_listings_follow_rollback(env: Env) -> None:
+    # The kernel keeps directory listings cached between walks: a rollback
+    # must drop exactly the listings that differ, also where the directory
+    # itself is one of the base's.
+    m, mnt = env.m, env.mnt
+    d = mnt / "src/pkg"
+    before = sorted(os.listdir(d))
+    c1 = m.checkpoint()
+    (d / "new.py").write_text("n")
+    os.unlink(d / "mod.py")
+    assert sorted(os.listdir(d)) == sorted(set(before) - {"mod.py"} | {"new.py"})
+    c2 = m.checkpoint()
+    for _ in range(2):  # the second pass reads the kernel's cache
+        m.rollback(c1)
+        assert sorted(os.listdir(d)) == before and sorted(os.listdir(d)) == before
+        assert sorted(os.listdir(mnt)) == sorted(os.listdir(env.base))
+        m.rollback(c2)
+        assert sorted(os.listdir(d)) == sorted(set(before) - {"mod.py"} | {"new.py"})
+        assert (d / "new.py").read_text() == "n" and not (d / "mod.py").exists()
+
+
 def test_open_fd_across_rollback_reads_rolled_back_content(env: Env) -> None:
     m, mnt = env.m, env.mnt
     (mnt / "f").write_text("version one")

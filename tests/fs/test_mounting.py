@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 import deltafs
+from deltafs.fuseops import INODE_HANDLES_AVAILABLE
 from deltafs.mounts import top_mount
 
-from .conftest import teardown
+from .conftest import Env, teardown
 from .test_checkpoints import tree_digest
 
 
@@ -149,3 +150,10 @@ def test_kill_9_at_a_random_moment_under_load(tmp_path: Path) -> None:
         if writer.poll() is None:
             writer.kill()
         teardown(mnt, m)
+
+
+def test_the_kernel_opens_files_and_lists_directories_from_its_cache(env: Env) -> None:
+    # The setup installs the deltafs build of pyfuse3 (third_party/); with a
+    # stock one every open() and every directory listing costs a request.
+    assert INODE_HANDLES_AVAILABLE, "pyfuse3 is the stock build: run ./run.sh to set up"
+    assert env.m.status()["kernel_opens"] is True
