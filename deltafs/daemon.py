@@ -39,6 +39,8 @@ from .mounts import FSTYPE, SOURCE_PREFIX, canonical, is_dead, top_mount
 from .view import View
 
 log = logging.getLogger("deltafs")
+WRITE_BACK_DELAY = 0.005  # s
+INLINE_FLUSH_FILES = 16  # a durable checkpoint flushes this few files on the loop itself
 
 
 class Filesystem:
@@ -51,7 +53,8 @@ class Filesystem:
         self.blobs = Blobs(store, base_fd)
         self.view = View(self.idx, self.blobs)
         self.flusher = Flusher(store, self.blobs.dir_fd, os.path.join(store, "index", "data.mdb"))
-        self.view.on_written_close = self.flusher.start_writeback
+        self._written = trio.Event()
+        self.view.on_written = self._written.set
         self.nursery: trio.Nursery | None = None  # set while serving
         # Checkpoints taken with durable=False: committed (they survive a crash
         # of this daemon, the kernel holds their pages) but not yet flushed to
@@ -112,8 +115,13 @@ class Filesystem:
                     # this checkpoint shares blobs with the pending ones: all go together
                     self._queue_flush(unsynced)
                     await self.sync()
+                elif len(unsynced) <= INLINE_FLUSH_FILES:
+                    # a short flush (about 0.4 ms here for one file) costs
+                    # less than the hop to a worker thread and back
+                    self.flusher.flush(self.view.blob_fds(unsynced), self.idx.sync)
                 else:
-                    await trio.to_thread.run_sync(self._make_durable, unsynced)
+                    await trio.to_thread.run_sync(self.flusher.flush,
+                                                  self.view.blob_fds(unsynced), self.idx.sync)
             else:
                 self._queue_flush(unsynced)
             t2 = time.perf_counter()
@@ -160,8 +168,20 @@ class Filesystem:
         if garbage:
             await trio.to_thread.run_sync(self.blobs.delete, garbage)
 
-    def _make_durable(self, unsynced: set[int]) -> None:
-        self.flusher.flush([self.blobs.name(b) for b in sorted(unsynced)], self.idx.sync)
+    async def write_back(self) -> None:
+        """Shortly after files are written, persist their sizes and start
+        their write-out to disk. The kernel opens and closes files without
+        telling us, so there is no close to hook this on; a checkpoint then
+        has less left to wait for."""
+        while True:
+            await self._written.wait()
+            await trio.sleep(WRITE_BACK_DELAY)  # batch what a burst of writes touches
+            self._written = trio.Event()
+            self.view.on_written = self._written.set
+            try:
+                self.view.write_back(self.flusher.start_writeback)
+            except Exception:  # only an optimisation: a checkpoint flushes all the same
+                log.exception("background write-back failed")
 
     def _queue_flush(self, unsynced: set[int]) -> None:
         if not self._lazy_pending and not self._flushing:
@@ -186,7 +206,8 @@ class Filesystem:
             while self._lazy_pending:
                 blobs, self._lazy, self._lazy_pending = self._lazy, set(), False
                 try:
-                    await trio.to_thread.run_sync(self._make_durable, blobs)
+                    await trio.to_thread.run_sync(self.flusher.flush, self.view.blob_fds(blobs),
+                                                  self.idx.sync)
                 except BaseException as e:  # also cancellation: close() flushes what is left
                     self._lazy |= blobs
                     self._lazy_pending = True
@@ -219,7 +240,7 @@ class Filesystem:
     def close(self) -> None:
         self.view.flush_dirty()
         if self._lazy:  # lazily committed checkpoints the background task did not reach
-            self._make_durable(self._lazy)
+            self.flusher.flush(self.view.blob_fds(self._lazy), self.idx.sync)
             self._lazy = set()
         self.idx.sync()
         try:
@@ -313,6 +334,7 @@ async def _run(fs: Filesystem, sock: socket.socket) -> None:
         nursery.start_soon(fuse_main)
         nursery.start_soon(accept)
         nursery.start_soon(signals)
+        nursery.start_soon(fs.write_back)
         await done.wait()
         nursery.cancel_scope.cancel()
 

@@ -70,28 +70,21 @@ class Flusher:
         self.kind = fs_type(store)
         self.journaled = self.kind in GLOBAL_JOURNAL
         self.blob_dir_fd = blob_dir_fd
-        self.index_file = index_file
+        self.index_fd = os.open(index_file, os.O_RDONLY | os.O_CLOEXEC)
         self.marker = os.open(os.path.join(store, "durable.marker"),
                               os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.count = 0
 
-    def flush(self, blob_names: list[str], sync_index: Callable[[], None]) -> None:
-        """Make the blobs and the index durable, the blobs first."""
-        fds = []
+    def flush(self, fds: list[int], sync_index: Callable[[], None]) -> None:
+        """Make the blobs open as ``fds`` and the index durable, the blobs
+        first; closes ``fds``."""
         try:
-            for name in blob_names:
-                try:
-                    fds.append(os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.blob_dir_fd))
-                except FileNotFoundError:
-                    continue  # deleted since: nothing refers to it
             if not fds:
                 sync_index()  # one fdatasync: nothing else to order
             elif self.journaled:
-                idx = os.open(self.index_file, os.O_RDONLY | os.O_CLOEXEC)
-                fds.append(idx)
-                for fd in fds:  # start every write-out, then wait: the I/O overlaps
+                for fd in fds + [self.index_fd]:  # start every write-out, then wait: the I/O overlaps
                     _range(fd, SYNC_FILE_RANGE_WRITE)
-                for fd in fds:
+                for fd in fds + [self.index_fd]:
                     _range(fd, _WRITE_AND_WAIT)
                 self.count += 1
                 os.pwrite(self.marker, struct.pack("<Q", self.count), 0)
@@ -115,3 +108,4 @@ class Flusher:
 
     def close(self) -> None:
         os.close(self.marker)
+        os.close(self.index_fd)

@@ -22,6 +22,7 @@ rolled-back content, or fails with ESTALE when its file does not exist there.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 import time
@@ -91,10 +92,11 @@ class View:
         self.inode_handles = False
         self.epoch = 0
         self.unsynced: set[int] = set()  # blobs written since the last checkpoint
-        # Called with the descriptor of a blob that was written, when its
-        # last handle closes: the daemon starts writing it to disk then, so
-        # that the next checkpoint has less to wait for.
-        self.on_written_close: Callable[[int], None] | None = None
+        # Inodes written since the last ``write_back``, and who to tell when
+        # the first one is: the daemon then starts their write-out to disk
+        # soon after, so that the next checkpoint has less to wait for.
+        self.written: set[int] = set()
+        self.on_written: Callable[[], None] | None = None
 
     # -- reading ---------------------------------------------------------------
 
@@ -511,9 +513,11 @@ class View:
         od.refs -= 1
         od.kept = True
         if len(self.files) > _FILES_MAX:
-            spare = [o for o in list(self.files.values())[:len(self.files) - _FILES_MAX + 64]
+            # close a batch of the least recent; a bounded scan, since held
+            # orphans (which cannot be reopened) may sit in front
+            spare = [o for o in itertools.islice(self.files.values(), 128)
                      if o.refs <= 0 and not o.orphan]
-            for o in spare:
+            for o in spare[:64]:
                 self._close(o)
         return od
 
@@ -527,8 +531,6 @@ class View:
     def _close(self, od: OpenData) -> None:
         if not od.orphan:
             self.flush_dirty(od.ino)
-            if od.blob in self.unsynced and self.on_written_close is not None:
-                self.on_written_close(od.fd)
         if od.fd >= 0:
             os.close(od.fd)
         if self.files.get(od.ino) is od:
@@ -565,6 +567,9 @@ class View:
             self._writable(od, None)
         n = os.pwrite(od.fd, buf, off)
         self.unsynced.add(od.blob)
+        if not self.written and self.on_written is not None:
+            self.on_written()
+        self.written.add(od.ino)
         d = self.orphans.get(od.ino) if od.orphan else self._dirty(od.ino)
         if d is not None:
             if off + n > d.size:
@@ -621,12 +626,44 @@ class View:
         return fixed
 
     def flush_dirty(self, ino: int | None = None) -> None:
-        inos = list(self.dirty) if ino is None else [ino] if ino in self.dirty else []
+        self._flush_dirty(list(self.dirty) if ino is None else [ino])
+
+    def _flush_dirty(self, inos: list[int]) -> None:
+        inos = [i for i in inos if i in self.dirty]
         if not inos:
             return
         with self._write() as txn:
             for i in inos:
                 self._put_inode(txn, self.dirty[i])
+
+    def blob_fds(self, blobs: set[int]) -> list[int]:
+        """A descriptor of each of ``blobs`` that still exists, for the
+        caller to flush and close: a dup of the one open in ``files`` where
+        there is one (much cheaper than opening it by name)."""
+        open_fds = {od.blob: od.fd for od in self.files.values()
+                    if od.blob in blobs and od.fd >= 0}
+        fds = []
+        for b in sorted(blobs):
+            fd = open_fds.get(b)
+            if fd is not None:
+                fds.append(os.dup(fd))
+                continue
+            try:
+                fds.append(self.blobs.open(b, write=False))
+            except FileNotFoundError:
+                pass  # deleted since: nothing refers to it
+        return fds
+
+    def write_back(self, start: Callable[[int], None]) -> None:
+        """For the files written since the last call: persist their sizes
+        and pass the descriptor of each written blob to ``start`` (which
+        starts its write-out to disk)."""
+        inos, self.written = self.written, set()
+        self._flush_dirty(list(inos))
+        for ino in inos:
+            od = self.files.get(ino)
+            if od is not None and od.fd >= 0 and od.blob in self.unsynced:
+                start(od.fd)
 
     # -- checkpoints -----------------------------------------------------------
 
