@@ -29,7 +29,7 @@ import trio
 
 from .base import import_base
 from .blobs import Blobs
-from .durability import Flusher, syncfs
+from .durability import Flusher, PendingFlag, syncfs
 from .errors import (AlreadyMountedError, BaseMissingError, DeltaFSError, StoreCorruptError,
                      StoreLockedError, UnknownCheckpointError)
 from .fuseops import INODE_HANDLES_AVAILABLE, Operations, invalidate
@@ -65,8 +65,9 @@ class Filesystem:
         self._flushed = trio.Event()
         self._flushed.set()
         self._flush_error = ""
-        self._lazy_marker = os.path.join(store, "flush.pending")
-        if self.idx.is_new():
+        self._unflushed = PendingFlag(os.path.join(store, "flush.pending"))
+        new = self.idx.is_new()
+        if new:
             with self.idx.begin(write=True) as txn:
                 self.idx.initialise(txn)
                 txn.put(b"base", base_desc.encode(), db=self.idx.meta)
@@ -77,11 +78,11 @@ class Filesystem:
             self.idx.set_live(2)
             self.view.clear_caches()
             self.idx.sync()
-        else:
-            if os.path.exists(self._lazy_marker):
-                # the last daemon died with checkpoints committed but not flushed
-                syncfs(store)
-                os.unlink(self._lazy_marker)
+        elif self._unflushed.was_set:
+            # the last daemon died with checkpoints committed but not flushed
+            syncfs(store)
+        self._unflushed.clear()
+        if not new:
             self.idx.load()
             self.blobs.delete(self.view.collect())
             self._sweep_blobs()
@@ -186,8 +187,8 @@ class Filesystem:
     def _queue_flush(self, unsynced: set[int]) -> None:
         if not self._lazy_pending and not self._flushing:
             # A crash of this daemon before the flush is done leaves this
-            # marker: the next mount then flushes the whole store's filesystem.
-            os.close(os.open(self._lazy_marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            # flag set: the next mount then flushes the whole store's filesystem.
+            self._unflushed.set()
         self._lazy |= unsynced
         self._lazy_pending = True
         if not self._flushing:
@@ -216,10 +217,7 @@ class Filesystem:
                     log.error("flushing checkpoints to disk: %s", e)
                     self._flush_error = f"flushing checkpoints to disk failed: {e}"
                     return  # the next sync() or checkpoint tries again
-            try:
-                os.unlink(self._lazy_marker)
-            except FileNotFoundError:
-                pass
+            self._unflushed.clear()
         finally:
             self._flushing = False
             self._flushed.set()
@@ -243,10 +241,8 @@ class Filesystem:
             self.flusher.flush(self.view.blob_fds(self._lazy), self.idx.sync)
             self._lazy = set()
         self.idx.sync()
-        try:
-            os.unlink(self._lazy_marker)
-        except FileNotFoundError:
-            pass
+        self._unflushed.clear()
+        self._unflushed.close()
         self.idx.close()
         self.flusher.close()
         self.blobs.close()

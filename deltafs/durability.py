@@ -65,6 +65,29 @@ def _range(fd: int, flags: int) -> None:
         raise OSError(err, f"sync_file_range: {os.strerror(err)}")
 
 
+class PendingFlag:
+    """One byte in ``STORE/flush.pending``: ``1`` while checkpoints are
+    committed but not yet on disk. Set and cleared with ``pwrite`` on a
+    descriptor kept open, because creating and deleting a marker file costs
+    0.3-1 ms here, on the path of every ``checkpoint(durable=False)``. A crash
+    of the daemon keeps the byte (the kernel has it): the next mount sees it
+    and flushes the store's filesystem. A missing or empty file (a store
+    written by an older daemon that used the file's existence) reads as set."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.was_set = os.pread(self.fd, 1, 0) != b"0"
+
+    def set(self) -> None:
+        os.pwrite(self.fd, b"1", 0)
+
+    def clear(self) -> None:
+        os.pwrite(self.fd, b"0", 0)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class Flusher:
     def __init__(self, store: str, blob_dir_fd: int, index_file: str) -> None:
         self.kind = fs_type(store)

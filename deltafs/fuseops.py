@@ -10,7 +10,6 @@ rollback invalidates exactly the entries and inodes that changed
 
 from __future__ import annotations
 
-import bisect
 import errno
 import functools
 import logging
@@ -85,16 +84,6 @@ def _negative() -> pyfuse3.EntryAttributes:
 # With a stock pyfuse3 we keep file and directory handles (as we do when
 # DELTAFS_HANDLES=1 asks for them, which the tests use to cover that path).
 INODE_HANDLES_AVAILABLE: bool = getattr(pyfuse3, "HANDLE_ZERO_PASSES_INODE", False)
-
-
-def _offset(name: bytes) -> int:
-    """A directory offset that names the entry, not its position: a
-    listing resumed after deletions or insertions (also by another process,
-    also in the kernel's cache) neither skips nor repeats the entries that
-    stayed. Positive and below 2**63, as off_t wants; stable for the
-    daemon's life. Two names of one directory colliding in 63 bits is left
-    to chance."""
-    return (hash(name) & 0x7FFF_FFFF_FFFF_FFFF) or 1
 
 
 class Operations(pyfuse3.Operations):
@@ -254,9 +243,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         ino = fh if self.inode_handles else self.dirs[fh]
-        entries = sorted((_offset(name), name, rec) for name, rec in self.view.readdir(ino))
-        i = bisect.bisect_right(entries, (start_id, b"\xff" * 256))
-        for off, name, rec in entries[i:]:
+        for off, name, rec in self.view.readdir_from(ino, start_id):
             if not pyfuse3.readdir_reply(token, name, attrs(rec), off):
                 break
 

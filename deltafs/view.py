@@ -21,6 +21,7 @@ rolled-back content, or fails with ESTALE when its file does not exist there.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import itertools
 import os
@@ -39,6 +40,17 @@ from .records import F_BASE, F_OWNED, L_DROPPED, L_FROZEN, NO_BLOB, Inode, Layer
 ROOT = 1
 _CACHE_MAX = 200_000  # entries per cache; past that, lookups go to the index
 _FILES_MAX = 512  # open contents kept for inode-named requests; the least recent go first
+_LISTINGS_MAX = 16  # directory listings kept while a reader pages through them
+
+
+def _offset(name: bytes) -> int:
+    """A directory offset that names the entry, not its position: a
+    listing resumed after deletions or insertions (also by another process,
+    also in the kernel's cache) neither skips nor repeats the entries that
+    stayed. Positive and below 2**63, as off_t wants; stable for the
+    daemon's life. Two names of one directory colliding in 63 bits is left
+    to chance."""
+    return (hash(name) & 0x7FFF_FFFF_FFFF_FFFF) or 1
 
 
 @dataclass(slots=True)
@@ -82,6 +94,9 @@ class View:
         self.dirty: dict[int, Inode] = {}
         self._icache: dict[int, Inode] = {}
         self._ecache: dict[tuple[int, bytes], int] = {}
+        # (offset, name, inode) per directory, in offset order: the kernel
+        # pages through a listing a few dozen entries per request
+        self._listings: dict[int, list[tuple[int, bytes, int]]] = {}
         self._pending: dict[Any, Any] | None = None
         self.files: dict[int, OpenData] = {}
         self.orphans: dict[int, Inode] = {}  # unlinked while open: fstat still works
@@ -122,7 +137,11 @@ class View:
                 cache[key] = val
 
     def _touch(self, key: Any, val: Any) -> None:
-        cache = self._icache if isinstance(key, int) else self._ecache
+        if isinstance(key, int):
+            cache: dict[Any, Any] = self._icache
+        else:
+            cache = self._ecache
+            self._listings.pop(key[0], None)
         cache.pop(key, None)
         if self._pending is not None:
             self._pending[key] = val
@@ -130,6 +149,7 @@ class View:
     def clear_caches(self) -> None:
         self._icache.clear()
         self._ecache.clear()
+        self._listings.clear()
 
     def inode(self, txn: Any, ino: int) -> Inode | None:
         d = self.dirty.get(ino)
@@ -193,17 +213,24 @@ class View:
             if val:
                 yield rest[:-1], from_u64(val)
 
-    def readdir(self, ino: int) -> list[tuple[bytes, Inode]]:
+    def readdir_from(self, ino: int, after: int) -> Iterator[tuple[int, bytes, Inode]]:
+        """The entries of directory ``ino`` past offset ``after`` (0: all),
+        as (offset, name, inode), in offset order."""
         with self.idx.begin() as txn:
-            d = self.must(txn, ino)
-            if not stat.S_ISDIR(d.mode):
-                raise FSError(errno.ENOTDIR)
-            out = []
-            for name, child in self._entries(txn, ino):
+            entries = self._listings.get(ino)
+            if entries is None:
+                d = self.must(txn, ino)
+                if not stat.S_ISDIR(d.mode):
+                    raise FSError(errno.ENOTDIR)
+                entries = sorted((_offset(name), name, child)
+                                 for name, child in self._entries(txn, ino))
+                if len(self._listings) >= _LISTINGS_MAX:
+                    del self._listings[next(iter(self._listings))]
+                self._listings[ino] = entries
+            for off, name, child in entries[bisect.bisect_right(entries, (after, b"\xff" * 256)):]:
                 rec = self.inode(txn, child)
                 if rec is not None:
-                    out.append((name, rec))
-            return out
+                    yield off, name, rec
 
     def readlink(self, ino: int) -> bytes:
         rec = self.getattr(ino)
