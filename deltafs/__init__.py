@@ -20,7 +20,26 @@ for a file's whole life, across checkpoints and rollbacks.
 The kernel's entry, attribute and page caches stay on with long timeouts.
 Each layer logs which keys it wrote, so a rollback knows exactly which
 entries and inodes differ between the old and the new view and invalidates
-those and nothing else (``deltafs.fuseops.invalidate``).
+those and nothing else (``deltafs.fuseops.invalidate``), and the cached
+listing of every directory whose entries differ.
+
+FUSE in Python costs tens of microseconds per request, so the fastest
+request is the one the kernel never sends. With the deltafs build of pyfuse3
+(``third_party/``, installed by ``run.sh``) the daemon answers the first
+OPEN and OPENDIR with ENOSYS: from then on the kernel opens files and
+directories itself and keeps directory listings in its page cache, and reads
+and writes name the inode. A second ``find`` over a tree then costs no
+request at all, and ``grep -r`` no request per file once its pages and
+attributes are cached. The daemon keeps each file's content open from its
+first read or write until the kernel forgets the inode (a few hundred at
+most, least recently used closed first); without a close to hook, a
+background task persists the sizes of written files and starts their
+write-out to disk a few milliseconds after the writes. Since the daemon
+cannot know whether an unlinked file is still open somewhere, each one stays
+readable (and its content open) until the kernel forgets it. Directory
+offsets are hashes of the names, so a listing resumed after changes neither
+skips nor repeats an entry. With a stock pyfuse3, or ``DELTAFS_HANDLES=1``,
+the daemon keeps file and directory handles instead.
 
 Durability: every operation is one LMDB transaction that reaches the OS at
 once, so ``kill -9`` of the daemon loses nothing that was written; the

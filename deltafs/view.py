@@ -10,9 +10,10 @@ and inode numbers survive it. Inode numbers are never reused.
 
 Every mutation is one LMDB write transaction into the live layer. The only
 state kept outside the index is what a write() changes at high rate: the size
-and mtime of files being written (``dirty``), persisted on flush, fsync,
-release and before a checkpoint; and the open content per inode (``files``),
-shared by every handle of that inode so that a copy-up is seen by all.
+and mtime of files being written (``dirty``), persisted a few milliseconds
+after the writes (``write_back``), on fsync, when the content is closed and
+before a checkpoint; and the open content per inode (``files``), shared by
+every handle of that inode so that a copy-up is seen by all.
 
 A rollback bumps ``epoch``: an open content descriptor from before it is
 re-resolved on its next use, so a handle held across a rollback reads the
