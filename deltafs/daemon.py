@@ -16,6 +16,7 @@ import fcntl
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -40,7 +41,8 @@ from .view import View
 
 log = logging.getLogger("deltafs")
 WRITE_BACK_DELAY = 0.005  # s
-INLINE_FLUSH_FILES = 16  # a durable checkpoint flushes this few files on the loop itself
+INLINE_FLUSH_FILES = 16  # a durable checkpoint flushes this few files on the loop itself,
+INLINE_FLUSH_BYTES = 1 << 20  # when this little was written to them
 
 
 class Filesystem:
@@ -109,6 +111,7 @@ class Filesystem:
         view = self.view
         if op == "checkpoint":
             t0 = time.perf_counter()
+            nbytes = view.unsynced_bytes
             cid, unsynced = view.checkpoint(str(req.get("label") or ""))
             t1 = time.perf_counter()
             if req.get("durable", True):
@@ -116,9 +119,10 @@ class Filesystem:
                     # this checkpoint shares blobs with the pending ones: all go together
                     self._queue_flush(unsynced)
                     await self.sync()
-                elif len(unsynced) <= INLINE_FLUSH_FILES:
+                elif len(unsynced) <= INLINE_FLUSH_FILES and nbytes <= INLINE_FLUSH_BYTES:
                     # a short flush (about 0.4 ms here for one file) costs
-                    # less than the hop to a worker thread and back
+                    # less than the hop to a worker thread and back; a long
+                    # one would stall every request meanwhile
                     self.flusher.flush(self.view.blob_fds(unsynced), self.idx.sync)
                 else:
                     await trio.to_thread.run_sync(self.flusher.flush,
@@ -249,6 +253,22 @@ class Filesystem:
         os.close(self.lock_fd)
 
 
+def _raise_fd_limit() -> int:
+    """Raise the soft limit on descriptors to the hard one: the daemon keeps
+    the content of recently used files open and flushes a checkpoint's files
+    through one descriptor each. Returns how many contents to keep open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return 512
+    return max(16, min(512, soft // 8))
+
+
 def _cid(v: Any) -> int:
     try:
         return int(v)
@@ -361,6 +381,7 @@ def serve(mountpoint: str, store: str, base: str | None, options: list[str],
         st = os.fstat(base_fd)
         os.makedirs(store, exist_ok=True)
         fs = Filesystem(store, base_fd, f"{base_path} (dev {st.st_dev} ino {st.st_ino})")
+        fs.view.files_max = _raise_fd_limit()
         opts = set(pyfuse3.default_options)
         opts |= {f"fsname={SOURCE_PREFIX}{store}", "subtype=deltafs", "default_permissions"}
         opts |= set(options)

@@ -107,10 +107,16 @@ class Operations(pyfuse3.Operations):
         self.next_fh += 1
         return fh
 
+    def _entry(self, rec: Inode) -> pyfuse3.EntryAttributes:
+        """``rec`` handed to the kernel as an entry: one more lookup of it."""
+        if self.inode_handles:
+            self.view.looked_up(rec.ino)
+        return attrs(rec)
+
     @_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         rec = self.view.lookup(parent_inode, name)
-        return attrs(rec) if rec is not None else _negative()
+        return self._entry(rec) if rec is not None else _negative()
 
     @_errors
     async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
@@ -138,18 +144,18 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
                     ) -> pyfuse3.EntryAttributes:
-        return attrs(self.view.make(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid, rdev))
+        return self._entry(self.view.make(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid, rdev))
 
     @_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any
                     ) -> pyfuse3.EntryAttributes:
         mode = stat.S_IFDIR | (stat.S_IMODE(mode) & ~ctx.umask)
-        return attrs(self.view.make(parent_inode, name, mode, ctx.uid, ctx.gid))
+        return self._entry(self.view.make(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any
                       ) -> pyfuse3.EntryAttributes:
-        return attrs(self.view.make(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid,
+        return self._entry(self.view.make(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid,
                                     target=target))
 
     @_errors
@@ -168,7 +174,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
                    ) -> pyfuse3.EntryAttributes:
-        return attrs(self.view.link(inode, new_parent_inode, new_name))
+        return self._entry(self.view.link(inode, new_parent_inode, new_name))
 
     def _content(self, fh: int) -> OpenData:
         return self.view.content(fh) if self.inode_handles else self.handles[fh]
@@ -197,7 +203,7 @@ class Operations(pyfuse3.Operations):
         if self.inode_handles:
             # handle 0: reads and writes will name the inode; a RELEASE (sent
             # while no OPEN has yet been refused) has nothing to do
-            return pyfuse3.FileInfo(fh=0, keep_cache=True), attrs(rec)
+            return pyfuse3.FileInfo(fh=0, keep_cache=True), self._entry(rec)
         od = self.view.acquire(rec.ino)
         fh = self._fh()
         self.handles[fh] = od
@@ -246,6 +252,8 @@ class Operations(pyfuse3.Operations):
         for off, name, rec in self.view.readdir_from(ino, start_id):
             if not pyfuse3.readdir_reply(token, name, attrs(rec), off):
                 break
+            if self.inode_handles:
+                self.view.looked_up(rec.ino)
 
     @_errors
     async def releasedir(self, fh: int) -> None:
@@ -283,9 +291,9 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list: Any) -> None:
         # Inodes live in the index; only their open content is ours to close.
         if self.inode_handles:
-            for ino, _n in inode_list:
+            for ino, n in inode_list:
                 try:
-                    self.view.forget(ino)
+                    self.view.forget(ino, n)
                 except Exception:  # no reply to carry an error: log, keep serving
                     log.exception("forget(%d) failed", ino)
 

@@ -106,8 +106,15 @@ class View:
         # whether an unlinked inode is still open, so each one stays an
         # orphan, with its content open, until the kernel forgets the inode.
         self.inode_handles = False
+        # ... and so we count, as the kernel does, how many times each inode
+        # was handed to it (lookups, creations, listing entries): a FORGET
+        # may arrive late, after a new lookup, and only the one that brings
+        # the count to zero means the kernel is done with the inode.
+        self.nlookup: dict[int, int] = {}
         self.epoch = 0
         self.unsynced: set[int] = set()  # blobs written since the last checkpoint
+        self.unsynced_bytes = 0  # how much was written to them
+        self.files_max = _FILES_MAX
         # Inodes written since the last ``write_back``, and who to tell when
         # the first one is: the daemon then starts their write-out to disk
         # soon after, so that the next checkpoint has less to wait for.
@@ -243,6 +250,11 @@ class View:
 
     def _put_inode(self, txn: Any, rec: Inode) -> None:
         self.dirty.pop(rec.ino, None)
+        if rec.ino in self.orphans:
+            # unlinked but open: its attributes live in memory until it is
+            # closed (forgotten); written to the index it would never be freed
+            self.orphans[rec.ino] = rec
+            return
         rec.layer = self.idx.live
         self._touch(rec.ino, rec.copy())
         self.idx.put(txn, INO, u64(rec.ino), rec.encode())
@@ -540,7 +552,7 @@ class View:
         od = self.acquire(ino)
         od.refs -= 1
         od.kept = True
-        if len(self.files) > _FILES_MAX:
+        if len(self.files) > self.files_max:
             # close a batch of the least recent; a bounded scan, since held
             # orphans (which cannot be reopened) may sit in front
             spare = [o for o in itertools.islice(self.files.values(), 128)
@@ -549,8 +561,17 @@ class View:
                 self._close(o)
         return od
 
-    def forget(self, ino: int) -> None:
-        """The kernel dropped ``ino``: no process holds it open any more."""
+    def looked_up(self, ino: int) -> None:
+        """The kernel was handed ``ino`` once more (see ``nlookup``)."""
+        self.nlookup[ino] = self.nlookup.get(ino, 0) + 1
+
+    def forget(self, ino: int, n: int) -> None:
+        """The kernel forgets ``n`` of its lookups of ``ino``; at zero it
+        dropped the inode and no process holds it open any more."""
+        left = self.nlookup.pop(ino, 0) - n
+        if left > 0:
+            self.nlookup[ino] = left
+            return
         od = self.files.get(ino)
         if od is not None and od.refs <= 0:
             self._close(od)
@@ -574,7 +595,8 @@ class View:
         fd, owner, blob = self._source(rec)
         if od.fd >= 0:
             os.close(od.fd)
-        od.fd, od.owner, od.blob, od.epoch, od.orphan = fd, owner, blob, self.epoch, False
+        od.fd, od.owner, od.blob, od.epoch = fd, owner, blob, self.epoch
+        od.orphan = od.ino in self.orphans
 
     def read(self, od: OpenData, off: int, size: int) -> bytes:
         self._fresh(od)
@@ -595,6 +617,7 @@ class View:
             self._writable(od, None)
         n = os.pwrite(od.fd, buf, off)
         self.unsynced.add(od.blob)
+        self.unsynced_bytes += n
         if not self.written and self.on_written is not None:
             self.on_written()
         self.written.add(od.ino)
@@ -669,17 +692,22 @@ class View:
         caller to flush and close: a dup of the one open in ``files`` where
         there is one (much cheaper than opening it by name)."""
         open_fds = {od.blob: od.fd for od in self.files.values()
-                    if od.blob in blobs and od.fd >= 0}
-        fds = []
-        for b in sorted(blobs):
-            fd = open_fds.get(b)
-            if fd is not None:
-                fds.append(os.dup(fd))
-                continue
-            try:
-                fds.append(self.blobs.open(b, write=False))
-            except FileNotFoundError:
-                pass  # deleted since: nothing refers to it
+                    if od.blob in blobs and od.fd >= 0 and not od.orphan}
+        fds: list[int] = []
+        try:
+            for b in sorted(blobs):
+                fd = open_fds.get(b)
+                if fd is not None:
+                    fds.append(os.dup(fd))
+                    continue
+                try:
+                    fds.append(self.blobs.open(b, write=False))
+                except FileNotFoundError:
+                    pass  # deleted since: nothing refers to it
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
         return fds
 
     def write_back(self, start: Callable[[int], None]) -> None:
@@ -690,7 +718,7 @@ class View:
         self._flush_dirty(list(inos))
         for ino in inos:
             od = self.files.get(ino)
-            if od is not None and od.fd >= 0 and od.blob in self.unsynced:
+            if od is not None and od.fd >= 0 and od.blob in self.unsynced and not od.orphan:
                 start(od.fd)
 
     # -- checkpoints -----------------------------------------------------------
@@ -715,6 +743,7 @@ class View:
         old.children.add(new.id)
         idx.push_live(new.id)
         unsynced, self.unsynced = self.unsynced, set()
+        self.unsynced_bytes = 0
         unsynced.discard(NO_BLOB)  # orphans: nothing to keep
         return old.id, unsynced
 
@@ -750,6 +779,7 @@ class View:
         self.dirty.clear()
         self.orphans.clear()
         self.unsynced.clear()
+        self.unsynced_bytes = 0
         self.clear_caches()
         self.epoch += 1
         for od in self.files.values():

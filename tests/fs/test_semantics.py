@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from deltafs.index import INO, Index
+from deltafs.records import u64
+
 from .conftest import Env
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -206,6 +209,39 @@ def test_unlinked_open_base_file_stays_readable_and_fstat_works(env: Env) -> Non
     finally:
         os.close(fd)
     assert (env.base / "src/pkg/data.bin").read_bytes() == want  # the base is never written
+
+
+def test_an_unlinked_open_file_never_reaches_the_index(env: Env) -> None:
+    # Changed through its descriptor after the unlink (also after a rollback
+    # made the daemon re-resolve the content it keeps open), an unlinked
+    # file must stay out of the index: written there, no one would free it.
+    p = env.mnt / "f"
+    p.write_bytes(b"one")
+    c = env.m.checkpoint()
+    assert p.read_bytes() == b"one"
+    env.m.rollback(c)
+    fd = os.open(p, os.O_RDWR)
+    try:
+        ino = os.fstat(fd).st_ino
+        os.unlink(p)
+        os.pwrite(fd, b"two!", 0)
+        os.ftruncate(fd, 2)
+        os.fchmod(fd, 0o600)
+        st = os.fstat(fd)
+        assert os.pread(fd, 10, 0) == b"tw" and st.st_nlink == 0 and st.st_size == 2
+    finally:
+        os.close(fd)
+    env.m.checkpoint()
+    store = env.m.store
+    env.m.unmount()
+    idx = Index(os.path.join(store, "index"))
+    try:
+        idx.load()
+        with idx.begin() as txn:
+            r = idx.visible(txn, INO, u64(ino))
+        assert r is None or not r[1], "the unlinked inode was written to the index"
+    finally:
+        idx.close()
 
 
 def test_more_open_files_than_the_daemon_keeps_open(env: Env) -> None:
