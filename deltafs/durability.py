@@ -105,7 +105,8 @@ class Flusher:
             if not fds:
                 sync_index()  # one fdatasync: nothing else to order
             elif self.journaled:
-                for fd in fds + [self.index_fd]:  # start every write-out, then wait: the I/O overlaps
+                # start every write-out, then wait: the I/O overlaps
+                for fd in fds + [self.index_fd]:
                     _range(fd, SYNC_FILE_RANGE_WRITE)
                 for fd in fds + [self.index_fd]:
                     _range(fd, _WRITE_AND_WAIT)

@@ -144,7 +144,8 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
                     ) -> pyfuse3.EntryAttributes:
-        return self._entry(self.view.make(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid, rdev))
+        return self._entry(self.view.make(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid,
+                                          rdev))
 
     @_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any
@@ -155,8 +156,8 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any
                       ) -> pyfuse3.EntryAttributes:
-        return self._entry(self.view.make(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid,
-                                    target=target))
+        return self._entry(self.view.make(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid,
+                                          ctx.gid, target=target))
 
     @_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
