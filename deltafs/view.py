@@ -99,6 +99,8 @@ class View:
         # pages through a listing a few dozen entries per request
         self._listings: dict[int, list[tuple[int, bytes, int]]] = {}
         self._pending: dict[Any, Any] | None = None
+        self._doomed: list[int] | None = None
+        self._undo: list[Callable[[], None]] | None = None
         self.files: dict[int, OpenData] = {}
         self.orphans: dict[int, Inode] = {}  # unlinked while open: fstat still works
         # True when the kernel opens files without telling us (no OPEN and
@@ -134,11 +136,23 @@ class View:
     def _write(self) -> Iterator[Any]:
         pending: dict[Any, Any] = {}
         self._pending = pending
+        # Blobs to delete and in-memory changes to take back: a transaction
+        # that fails to commit (a full disk) must leave every file as it was.
+        doomed: list[int] = []
+        undo: list[Callable[[], None]] = []
+        self._doomed, self._undo = doomed, undo
         try:
             with self.idx.begin(write=True) as txn:
                 yield txn
+        except BaseException:
+            for fn in reversed(undo):
+                fn()
+            raise
         finally:
             self._pending = None
+            self._doomed, self._undo = None, None
+        if doomed:
+            self.blobs.delete(doomed)
         for key, val in pending.items():
             cache = self._icache if isinstance(key, int) else self._ecache
             if val is not None and len(cache) < _CACHE_MAX:
@@ -249,7 +263,9 @@ class View:
     # -- namespace changes -----------------------------------------------------
 
     def _put_inode(self, txn: Any, rec: Inode) -> None:
-        self.dirty.pop(rec.ino, None)
+        d = self.dirty.pop(rec.ino, None)
+        if d is not None and self._undo is not None:  # the size written since: keep it on abort
+            self._undo.append(lambda: self.dirty.setdefault(rec.ino, d))
         if rec.ino in self.orphans:
             # unlinked but open: its attributes live in memory until it is
             # closed (forgotten); written to the index it would never be freed
@@ -260,25 +276,45 @@ class View:
         self.idx.put(txn, INO, u64(rec.ino), rec.encode())
 
     def _drop_inode(self, txn: Any, rec: Inode) -> None:
-        self.dirty.pop(rec.ino, None)
-        self._touch(rec.ino, None)
-        self.idx.remove(txn, INO, u64(rec.ino))
-        od = self.files.get(rec.ino)
+        assert self._doomed is not None and self._undo is not None, "inside _write() only"
+        ino, dirty = rec.ino, self.dirty.pop(rec.ino, None)
+        self._touch(ino, None)
+        self.idx.remove(txn, INO, u64(ino))
+        od = self.files.get(ino)
         owned = rec.flags & F_OWNED and rec.layer == self.idx.live and rec.blob != NO_BLOB
+        opened = None
         if od is None and owned and self.inode_handles:
             # the blob is deleted below: keep its content for a process that may hold it open
-            od = OpenData(rec.ino, self.blobs.open(rec.blob, write=True), self.idx.live,
-                          self.epoch, blob=rec.blob, kept=True)
-            self.files[rec.ino] = od
+            od = opened = OpenData(ino, self.blobs.open(rec.blob, write=True), self.idx.live,
+                                   self.epoch, blob=rec.blob, kept=True)
+            self.files[ino] = od
+        was_orphan = od.orphan if od is not None else False
+        had = self.orphans.get(ino)
+
+        def undo() -> None:
+            if dirty is not None:
+                self.dirty[ino] = dirty
+            if opened is not None:
+                os.close(opened.fd)
+                if self.files.get(ino) is opened:
+                    del self.files[ino]
+            elif od is not None:
+                od.orphan = was_orphan
+            if had is None:
+                self.orphans.pop(ino, None)
+            else:
+                self.orphans[ino] = had
+        self._undo.append(undo)
         if od is not None or self.inode_handles:
             if od is not None:
                 od.orphan = True
             rec.nlink = 0
-            self.orphans[rec.ino] = rec
+            self.orphans[ino] = rec
         if owned:
             # Created in the live layer, so no checkpoint can refer to it;
             # an open descriptor keeps the data alive until it is closed.
-            self.blobs.delete([rec.blob])
+            # Deleted once the transaction has committed.
+            self._doomed.append(rec.blob)
 
     def _dir(self, txn: Any, ino: int) -> Inode:
         d = self.must(txn, ino).copy()

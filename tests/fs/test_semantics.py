@@ -308,3 +308,4 @@ def test_inode_numbers_stable_across_checkpoint_and_rollback(env: Env) -> None:
     env.m.rollback(c)
     assert (m / "f").stat().st_ino == ino and (m / "README").stat().st_ino == base_ino
     assert (m / "f").read_text() == "1"
+
