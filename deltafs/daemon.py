@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
@@ -68,8 +70,7 @@ class Filesystem:
         self._flushed.set()
         self._flush_error = ""
         self._unflushed = PendingFlag(os.path.join(store, "flush.pending"))
-        new = self.idx.is_new()
-        if new:
+        if self.idx.is_new():
             with self.idx.begin(write=True) as txn:
                 self.idx.initialise(txn)
                 txn.put(b"base", base_desc.encode(), db=self.idx.meta)
@@ -80,11 +81,12 @@ class Filesystem:
             self.idx.set_live(2)
             self.view.clear_caches()
             self.idx.sync()
-        elif self._unflushed.was_set:
-            # the last daemon died with checkpoints committed but not flushed
-            syncfs(store)
-        self._unflushed.clear()
-        if not new:
+            self._unflushed.clear()
+        else:
+            if self._unflushed.was_set:
+                # the last daemon died with checkpoints committed but not flushed
+                syncfs(store)
+                self._unflushed.clear()
             self.idx.load()
             self.blobs.delete(self.view.collect())
             self._sweep_blobs()
@@ -123,10 +125,9 @@ class Filesystem:
                     # a short flush (about 0.4 ms here for one file) costs
                     # less than the hop to a worker thread and back; a long
                     # one would stall every request meanwhile
-                    self.flusher.flush(self.view.blob_fds(unsynced), self.idx.sync)
+                    self._flush_job(unsynced)()
                 else:
-                    await trio.to_thread.run_sync(self.flusher.flush,
-                                                  self.view.blob_fds(unsynced), self.idx.sync)
+                    await trio.to_thread.run_sync(self._flush_job(unsynced))
             else:
                 self._queue_flush(unsynced)
             t2 = time.perf_counter()
@@ -188,6 +189,11 @@ class Filesystem:
             except Exception:  # only an optimisation: a checkpoint flushes all the same
                 log.exception("background write-back failed")
 
+    def _flush_job(self, blobs: set[int]) -> Callable[[], None]:
+        """Making ``blobs`` and the index durable, to run here or in a worker
+        thread; the descriptors are taken now, on the loop, which owns them."""
+        return functools.partial(self.flusher.flush, self.view.blob_fds(blobs), self.idx.sync)
+
     def _queue_flush(self, unsynced: set[int]) -> None:
         if not self._lazy_pending and not self._flushing:
             # A crash of this daemon before the flush is done leaves this
@@ -211,8 +217,7 @@ class Filesystem:
             while self._lazy_pending:
                 blobs, self._lazy, self._lazy_pending = self._lazy, set(), False
                 try:
-                    await trio.to_thread.run_sync(self.flusher.flush, self.view.blob_fds(blobs),
-                                                  self.idx.sync)
+                    await trio.to_thread.run_sync(self._flush_job(blobs))
                 except BaseException as e:  # also cancellation: close() flushes what is left
                     self._lazy |= blobs
                     self._lazy_pending = True
@@ -242,7 +247,7 @@ class Filesystem:
     def close(self) -> None:
         self.view.flush_dirty()
         if self._lazy:  # lazily committed checkpoints the background task did not reach
-            self.flusher.flush(self.view.blob_fds(self._lazy), self.idx.sync)
+            self._flush_job(self._lazy)()
             self._lazy = set()
         self.idx.sync()
         self._unflushed.clear()
