@@ -12,7 +12,9 @@ touched (RSS = SIZE + interpreter); "dirty f" makes it write one byte in a
 fraction f of those pages, then the benchmark checkpoints (critical path: stop,
 dirty scan, injected fork, fd offsets, resume) and waits for the background
 delta. Rollback = fast path to the newest checkpoint (fork from its template,
-registers, offsets, re-arm dirty tracking, kill the old process). In-place =
+registers, offsets, re-arm dirty tracking, kill the old process). Spare = the
+same with the template's spare child, forked before the rollback is asked for
+(``spares=True``, the default; the benchmark waits for it). In-place =
 the experimental ``rollback(in_place=True)`` after the same dirtying: the live
 process keeps its pid and gets back only the pages that changed. Bare fork =
 os.fork() timed inside a process of the same size. Full copy = reading all of
@@ -137,7 +139,8 @@ def bench_size(size: int, fractions: list[float], iters: int, store_root: str, b
         copy_ms, copied = full_copy_ms(tgt.p.pid)
         out["full_copy_ms"] = copy_ms
         out["full_copy_bytes"] = copied
-        cp = ProcessCheckpointer(tgt.p.pid, store, max_templates=4, rehydrate=False, backend=backend)
+        cp = ProcessCheckpointer(tgt.p.pid, store, max_templates=4, rehydrate=False, backend=backend,
+                                 spares=False)
         cp.checkpoint("warm-up")
         cp.wait_background()
         for f in fractions:
@@ -154,11 +157,21 @@ def bench_size(size: int, fractions: list[float], iters: int, store_root: str, b
                 dbytes.append(row.delta_bytes)
             last = cp.list()[-1].id
             rb: list[float] = []
+            cp.spares = False
             for _ in range(iters):
                 r = cp.rollback(last)
-                assert r.path == "fast"
+                assert r.path == "fast" and not r.spare
                 rb.append(r.ms)
                 assert tgt.cmd("ping") == "pong"
+            cp.spares = True
+            rb_spare: list[float] = []
+            for _ in range(iters):
+                cp.wait_background()  # the spare is forked while the caller does something else
+                r = cp.rollback(last)
+                assert r.path == "fast" and r.spare
+                rb_spare.append(r.ms)
+                assert tgt.cmd("ping") == "pong"
+            cp.spares = False
             inplace: list[float] = []
             for _ in range(iters):
                 tgt.cmd(f"dirty {f}")
@@ -171,6 +184,7 @@ def bench_size(size: int, fractions: list[float], iters: int, store_root: str, b
                 "in_place_rollback_ms_p99": pct(inplace, 99),
                 "checkpoint_ms_p50": statistics.median(crit), "checkpoint_ms_p99": pct(crit, 99),
                 "rollback_ms_p50": statistics.median(rb), "rollback_ms_p99": pct(rb, 99),
+                "spare_rollback_ms_p50": statistics.median(rb_spare), "spare_rollback_ms_p99": pct(rb_spare, 99),
                 "background_ms_p50": statistics.median(bg), "delta_bytes_p50": statistics.median(dbytes),
             }
         # slow path: two fully dirty checkpoints on top of the root, templates evicted
@@ -236,7 +250,7 @@ def main() -> int:
     print(f"\nDeltaCR benchmark  kernel {platform.release()}, {os.cpu_count()} cpus, default backend "
           f"{report.backend}, {iters} iterations (1 GB: fewer); times in ms, 'x fork' = ratio to the bare fork")
     hdr = (f"{'backend':>7} {'size':>6} {'dirty':>6} | {'ckpt p50':>8} {'p99':>7} {'x fork':>6} | {'rollbk p50':>10} {'p99':>7} "
-           f"{'x fork':>6} | {'in-place':>8} | {'bg ms':>7} {'delta MB':>8} | {'fork p50':>8} {'full copy':>9}")
+           f"{'x fork':>6} | {'spare p50':>9} {'p99':>6} {'x fork':>6} | {'in-place':>8} | {'bg ms':>7} {'delta MB':>8} | {'fork p50':>8} {'full copy':>9}")
     print(hdr)
     print("-" * len(hdr))
     for s in results["sizes"]:
@@ -245,6 +259,8 @@ def main() -> int:
             print(f"{s['backend']:>7} {s['size_mb']:>4}MB {float(f) * 100:>5.0f}% | {d['checkpoint_ms_p50']:8.2f} "
                   f"{d['checkpoint_ms_p99']:7.2f} {d['checkpoint_ms_p50'] / fork:6.2f} | "
                   f"{d['rollback_ms_p50']:10.2f} {d['rollback_ms_p99']:7.2f} {d['rollback_ms_p50'] / fork:6.2f} | "
+                  f"{d['spare_rollback_ms_p50']:9.2f} {d['spare_rollback_ms_p99']:6.2f} "
+                  f"{d['spare_rollback_ms_p50'] / fork:6.2f} | "
                   f"{d['in_place_rollback_ms_p50']:8.2f} | "
                   f"{d['background_ms_p50']:7.1f} {d['delta_bytes_p50'] / MB:8.1f} | {fork:8.2f} "
                   f"{s['full_copy_ms']:7.1f}ms")

@@ -18,6 +18,9 @@ path*. Templates are bounded (:mod:`deltacr.templates`); when a checkpoint's
 template was evicted, the *slow path* forks the nearest ancestor that still has
 one and replays mapping changes and page deltas into it (:mod:`deltacr.replay`),
 bit-identical to the fast path. Checkpoints form a tree: roll back to any node.
+The fork is most of a fast-path rollback, so while the tracer is idle each
+template gets a *spare*: a child forked ahead of time, dirty tracking armed in
+it; a rollback that finds one only sets registers and offsets and resumes it.
 An experimental third way, ``rollback(id, in_place=True)``, restores the live
 process itself (same pid), copying back only the pages that differ.
 

@@ -69,8 +69,31 @@ class DirtyTracker(Protocol):
     def teardown(self, pid: int | None, run: RunSyscall | None) -> None:
         """Release kernel resources (and the fd inside the process if it is stopped)."""
 
+    def prepare(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> object | None:
+        """Arm tracking ahead of time in a stopped process that is not tracked
+        yet (a template's spare); ``adopt()`` switches to it when it becomes the
+        live process, ``discard()`` drops it. None: nothing worth preparing
+        (``setup()`` is cheap for this backend)."""
 
-class CompareTracker:
+    def adopt(self, prepared: object) -> None:
+        """Track the process ``prepared`` was made for; its pages count clean."""
+
+    def discard(self, prepared: object) -> None:
+        """Release what ``prepare()`` opened (the process is not used)."""
+
+
+class _NothingToPrepare:
+    def prepare(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> object | None:
+        return None
+
+    def adopt(self, prepared: object) -> None:
+        return None
+
+    def discard(self, prepared: object) -> None:
+        return None
+
+
+class CompareTracker(_NothingToPrepare):
     """Content-compare fallback: nothing to do while the process is stopped."""
 
     name = "compare"
@@ -85,7 +108,7 @@ class CompareTracker:
         return None
 
 
-class PfnTracker:
+class PfnTracker(_NothingToPrepare):
     """Templates as copy-on-write witnesses: nothing at all on the critical path.
 
     Right after the injected fork, the template and the process map the very
@@ -235,7 +258,7 @@ def copy_pages(src: int, dst: int, ranges: list[tuple[int, int]]) -> int:
     return total
 
 
-class SoftDirtyTracker:
+class SoftDirtyTracker(_NothingToPrepare):
     """pagemap soft-dirty bit (needs CONFIG_MEM_SOFT_DIRTY and PAGEMAP_SCAN)."""
 
     name = "soft-dirty"
@@ -297,6 +320,26 @@ class UffdWpTracker:
 
     def setup(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> None:
         self._close_ours()
+        self.adopt(self._arm(pid, run, get_vmas))
+
+    def prepare(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> object | None:
+        # a spare inherited the session's fd number from its template: the uffd goes there
+        return self._arm(pid, run, get_vmas) if self.target_fd is not None else None
+
+    def adopt(self, prepared: object) -> None:
+        assert isinstance(prepared, _Armed)
+        self._close_ours()
+        self.uffd, self.pagemap, self.target_fd = prepared.uffd, prepared.pagemap, prepared.target_fd
+        self.untrackable, self._unregistered = prepared.untrackable, prepared.unregistered
+
+    def discard(self, prepared: object) -> None:
+        assert isinstance(prepared, _Armed)
+        os.close(prepared.uffd)
+        os.close(prepared.pagemap)
+
+    def _arm(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> "_Armed":
+        """A uffd in pid (at our fd number), registered for write-protect on
+        every private writable mapping, every page write-protected."""
         fd = run(_sys.SYS_userfaultfd, _sys.O_CLOEXEC | _sys.O_NONBLOCK)
         if fd == -errno.EPERM:
             fd = run(_sys.SYS_userfaultfd, _sys.O_CLOEXEC | _sys.O_NONBLOCK | _sys.UFFD_USER_MODE_ONLY)
@@ -309,41 +352,38 @@ class UffdWpTracker:
         run(_sys.SYS_close, fd)
         if high < 0:
             raise OSError(-high, f"moving the userfaultfd of pid {pid} to a high fd: {os.strerror(-high)}")
-        self.target_fd = high
         pidfd = _sys.pidfd_open(pid)
         try:
-            self.uffd = _sys.pidfd_getfd(pidfd, high)
+            uffd = _sys.pidfd_getfd(pidfd, high)
         finally:
             os.close(pidfd)
-        _sys.uffdio_api(self.uffd, self.FEATURES)
-        self.pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
-        self.untrackable = []
-        for v in get_vmas():
-            if tracked(v):
-                self._register(v.start, v.end)
-        self._scan_written()  # write-protect everything: the current state is the base
-        self._unregistered = self._scan_unregistered()
+        pagemap = -1
+        try:
+            _sys.uffdio_api(uffd, self.FEATURES)
+            pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+            untrackable: list[tuple[int, int]] = []
+            for v in get_vmas():
+                if tracked(v):
+                    _register(uffd, v.start, v.end, untrackable)
+            _scan_written(pagemap)  # write-protect everything: the current state is the base
+            return _Armed(uffd, pagemap, high, untrackable, _scan_unregistered(pagemap))
+        except BaseException:
+            os.close(uffd)
+            if pagemap >= 0:
+                os.close(pagemap)
+            raise
 
     def _register(self, start: int, end: int) -> bool:
         assert self.uffd is not None
-        try:
-            _sys.uffdio_register_wp(self.uffd, start, end - start)
-            return True
-        except OSError:
-            self.untrackable.append((start, end))
-            return False
+        return _register(self.uffd, start, end, self.untrackable)
 
     def _scan_written(self, start: int = 0, end: int = 0) -> list[tuple[int, int]]:
         assert self.pagemap is not None
-        return [(s, e) for s, e, _ in _sys.pagemap_scan(
-            self.pagemap, start, end or self.TOP, flags=_sys.PM_SCAN_WP_MATCHING,
-            category_mask=_sys.PAGE_IS_WRITTEN, return_mask=_sys.PAGE_IS_WRITTEN)]
+        return _scan_written(self.pagemap, start, end)
 
     def _scan_unregistered(self) -> list[tuple[int, int]]:
         assert self.pagemap is not None
-        return [(s, e) for s, e, _ in _sys.pagemap_scan(
-            self.pagemap, 0, self.TOP, flags=0, category_mask=_sys.PAGE_IS_WPALLOWED,
-            inverted=_sys.PAGE_IS_WPALLOWED, return_mask=_sys.PAGE_IS_WPALLOWED)]
+        return _scan_unregistered(self.pagemap)
 
     def collect(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> DirtySet:
         if self.uffd is None:
@@ -370,6 +410,41 @@ class UffdWpTracker:
         if run is not None and self.target_fd is not None:
             run(_sys.SYS_close, self.target_fd)
         self.target_fd = None
+
+
+@dataclass
+class _Armed:
+    """uffd-wp tracking armed in a process not yet tracked (see prepare())."""
+
+    uffd: int  # our copy
+    pagemap: int
+    target_fd: int
+    untrackable: list[tuple[int, int]]
+    unregistered: list[tuple[int, int]]
+
+
+_TOP = UffdWpTracker.TOP
+
+
+def _register(uffd: int, start: int, end: int, untrackable: list[tuple[int, int]]) -> bool:
+    try:
+        _sys.uffdio_register_wp(uffd, start, end - start)
+        return True
+    except OSError:
+        untrackable.append((start, end))
+        return False
+
+
+def _scan_written(pagemap: int, start: int = 0, end: int = 0) -> list[tuple[int, int]]:
+    return [(s, e) for s, e, _ in _sys.pagemap_scan(
+        pagemap, start, end or _TOP, flags=_sys.PM_SCAN_WP_MATCHING,
+        category_mask=_sys.PAGE_IS_WRITTEN, return_mask=_sys.PAGE_IS_WRITTEN)]
+
+
+def _scan_unregistered(pagemap: int) -> list[tuple[int, int]]:
+    return [(s, e) for s, e, _ in _sys.pagemap_scan(
+        pagemap, 0, _TOP, flags=0, category_mask=_sys.PAGE_IS_WPALLOWED,
+        inverted=_sys.PAGE_IS_WPALLOWED, return_mask=_sys.PAGE_IS_WPALLOWED)]
 
 
 BACKENDS = ("uffd-wp", "pfn", "soft-dirty", "compare")

@@ -11,7 +11,9 @@ Eviction policy (documented for ``--max-templates N``):
 * otherwise the least recently used template goes first (use = created, or
   rolled back to).
 
-The pool only decides; the tracer thread kills the evicted processes.
+The pool only decides; the tracer thread kills the evicted processes, and
+with each its spare (the pre-forked child a rollback would use, see
+:class:`deltacr.tracer.ProcessCheckpointer`).
 """
 
 from __future__ import annotations

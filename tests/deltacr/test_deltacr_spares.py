@@ -1,0 +1,109 @@
+"""Spares: a rollback to a checkpoint whose template has a pre-forked child
+uses that child instead of forking on the critical path. It must restore
+exactly what a fork would, survive the spare being killed, and leave no
+process behind when templates are evicted or the session ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from deltacr import available_backends
+from deltacr_helpers import RSEQ_SETUP, Lab, flatten, is_alive, memory_image
+
+
+def _wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while any(is_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return [p for p in pids if is_alive(p)]
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_rollback_uses_the_spare_and_restores_what_a_fork_would(lab: Lab, store: str, backend: str) -> None:
+    r = lab.repl("d = {'k': 1}; big = bytearray(os.urandom(1 << 20)) * 8; h = hash(bytes(big))")
+    r.run(RSEQ_SETUP)
+    rseq = r.eval("RSEQ")
+    cp = lab.checkpointer(r.pid, store, backend=backend, rehydrate=False)
+    c1 = cp.checkpoint("one").id
+    r.run("d['k'] = 2; big[:4] = b'WXYZ'")
+    c2 = cp.checkpoint("two").id
+    r.run("d.clear(); big[:] = bytes(len(big))")
+    cp.wait_background()
+    spares = {int(c): p for c, p in cp.status()["spares"].items()}
+    assert set(spares) == {c1, c2}
+    assert all(is_alive(p) for p in spares.values())
+
+    res = cp.rollback(c1)
+    assert res.path == "fast" and res.spare and res.pid == spares[c1]
+    assert r.eval("d, hash(bytes(big)) == h") == ({"k": 1}, True)
+    res = cp.rollback(c2)  # its spare was made long ago: still there
+    assert res.spare and res.pid == spares[c2]
+    assert r.eval("d['k'], bytes(big[:4])") == (2, b"WXYZ")
+
+    # dirty tracking was armed in the spare (ahead of time for uffd-wp): the
+    # next delta holds what changed since, so the slow path rebuilds it
+    r.run("d['k'] = 7; big[8:12] = b'QQQQ'")
+    c3 = cp.checkpoint("three").id
+    cp.wait_background()
+    assert cp.evict(c3)
+    cp.rollback(c1)
+    slow = cp.rollback(c3)
+    assert slow.path == "slow" and slow.base == c2
+    assert r.eval("d['k'], bytes(big[:4]), bytes(big[8:12])") == (7, b"WXYZ", b"QQQQ")
+
+    # the same checkpoint again, once with a new spare, once forked: same memory
+    r.run("d['k'] = 3")
+    cp.wait_background()
+    with_spare = cp.rollback(c2, resume=False)
+    assert with_spare.spare
+    image_spare = flatten(memory_image(with_spare.pid), rseq)
+    cp.resume()
+    cp.spares = False
+    forked = cp.rollback(c2, resume=False)
+    assert forked.path == "fast" and not forked.spare
+    image_fork = flatten(memory_image(forked.pid), rseq)
+    cp.resume()
+    assert image_spare.keys() == image_fork.keys()
+    diff = [hex(a) for a in image_fork if image_fork[a] != image_spare[a]]
+    assert diff == [], f"{len(diff)} pages differ, first {diff[:5]}"
+    assert r.eval("d['k'], bytes(big[:4])") == (2, b"WXYZ")
+
+
+def test_a_killed_spare_is_replaced_by_a_fork(lab: Lab, store: str) -> None:
+    r = lab.repl("x = 'first'")
+    cp = lab.checkpointer(r.pid, store)
+    c1 = cp.checkpoint().id
+    r.run("x = 'second'")
+    cp.wait_background()
+    spare = int(cp.status()["spares"][str(c1)])
+    os.kill(spare, signal.SIGKILL)
+    assert _wait_gone([spare]) == []
+    res = cp.rollback(c1)
+    assert res.path == "fast" and not res.spare and res.pid != spare
+    assert r.eval("x") == "first"
+    cp.wait_background()  # a new spare for c1
+    assert int(cp.status()["spares"][str(c1)]) not in (spare, res.pid)
+
+
+def test_spares_go_with_their_templates(lab: Lab, store: str) -> None:
+    r = lab.repl("x = 0")
+    cp = lab.checkpointer(r.pid, store, max_templates=2)
+    seen: set[int] = set()
+    for i in range(6):
+        r.run(f"x = {i}")
+        cp.checkpoint()
+        cp.wait_background()
+        st = cp.status()
+        assert set(st["spares"]) <= set(st["templates"])
+        seen |= {int(p) for p in st["spares"].values()}
+    st = cp.status()
+    kept = {int(p) for p in st["spares"].values()}
+    assert len(kept) == 2 and len(seen) == 6
+    assert _wait_gone(sorted(seen - kept)) == [], "an evicted template's spare must die with it"
+    cp.detach()
+    assert _wait_gone(sorted(kept)) == []
+    assert r.eval("x") == 5
