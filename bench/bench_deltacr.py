@@ -5,7 +5,8 @@ process of the same size and a full copy of its memory.
     .venv/bin/python bench/bench_deltacr.py            # full run (a few minutes)
     .venv/bin/python bench/bench_deltacr.py --quick    # fewer sizes/iterations
 
-Prints a table; writes JSON to bench/results/deltacr.json (or --out).
+Prints a table; writes JSON to bench/results/deltacr.json (or --out) and the
+table to deltacr.md beside it.
 
 The target is a Python process holding a bytearray of SIZE bytes with every page
 touched (RSS = SIZE + interpreter); "dirty f" makes it write one byte in a
@@ -40,6 +41,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench._common import machine_info  # noqa: E402
 from deltacr import ProcessCheckpointer  # noqa: E402
 from deltacr.check import check, probe_criu  # noqa: E402
 from deltacr.procfs import read_maps  # noqa: E402
@@ -235,7 +237,7 @@ def main() -> int:
     backends = a.backends.split(",") if a.backends else [b for b in ("uffd-wp", "pfn") if b in have] or [have[0]]
     criu = probe_criu()
     results: dict[str, Any] = {
-        "machine": {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine_info(),
         "default_backend": report.backend, "backends": backends, "iterations": iters, "criu": {"ok": criu.ok, "detail": criu.detail},
         "sizes": [],
     }
@@ -246,17 +248,26 @@ def main() -> int:
             print(f"... {backend}: {mb} MB, {n} iterations per point", file=sys.stderr, flush=True)
             results["sizes"].append(bench_size(mb * MB, fractions, n, a.store, backend))
     results["wall_s"] = time.perf_counter() - t0
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    lines: list[str] = []
 
-    print(f"\nDeltaCR benchmark  kernel {platform.release()}, {os.cpu_count()} cpus, default backend "
+    def emit(line: str = "") -> None:  # the table goes to stdout and to the .md
+        lines.append(line)
+        sys.stdout.write(line + "\n")
+
+    m = results["machine"]
+    emit(f"DeltaCR benchmark, {m['date']}, commit {m['git_commit'][:12]}{' (dirty tree)' if m['git_dirty'] else ''}, "
+          f"load average {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}, {results['wall_s']:.0f} s")
+    emit(f"\nDeltaCR benchmark  kernel {platform.release()}, {os.cpu_count()} cpus, default backend "
           f"{report.backend}, {iters} iterations (1 GB: fewer); times in ms, 'x fork' = ratio to the bare fork")
     hdr = (f"{'backend':>7} {'size':>6} {'dirty':>6} | {'ckpt p50':>8} {'p99':>7} {'x fork':>6} | {'rollbk p50':>10} {'p99':>7} "
            f"{'x fork':>6} | {'spare p50':>9} {'p99':>6} {'x fork':>6} | {'in-place':>8} | {'bg ms':>7} {'delta MB':>8} | {'fork p50':>8} {'full copy':>9}")
-    print(hdr)
-    print("-" * len(hdr))
+    emit(hdr)
+    emit("-" * len(hdr))
     for s in results["sizes"]:
         fork = s["bare_fork_ms_p50"]
         for f, d in s["by_dirty"].items():  # noqa: B007
-            print(f"{s['backend']:>7} {s['size_mb']:>4}MB {float(f) * 100:>5.0f}% | {d['checkpoint_ms_p50']:8.2f} "
+            emit(f"{s['backend']:>7} {s['size_mb']:>4}MB {float(f) * 100:>5.0f}% | {d['checkpoint_ms_p50']:8.2f} "
                   f"{d['checkpoint_ms_p99']:7.2f} {d['checkpoint_ms_p50'] / fork:6.2f} | "
                   f"{d['rollback_ms_p50']:10.2f} {d['rollback_ms_p99']:7.2f} {d['rollback_ms_p50'] / fork:6.2f} | "
                   f"{d['spare_rollback_ms_p50']:9.2f} {d['spare_rollback_ms_p99']:6.2f} "
@@ -264,18 +275,21 @@ def main() -> int:
                   f"{d['in_place_rollback_ms_p50']:8.2f} | "
                   f"{d['background_ms_p50']:7.1f} {d['delta_bytes_p50'] / MB:8.1f} | {fork:8.2f} "
                   f"{s['full_copy_ms']:7.1f}ms")
-    print("\nslow path (fork the root's template, replay 2 fully dirty deltas):")
+    emit("\nslow path (fork the root's template, replay 2 fully dirty deltas):")
     for s in results["sizes"]:
-        print(f"  {s['backend']:>7} {s['size_mb']:>5} MB: {s['slow_path_ms']:8.1f} ms, {s['slow_path_delta_bytes'] / MB:8.1f} MB of "
+        emit(f"  {s['backend']:>7} {s['size_mb']:>5} MB: {s['slow_path_ms']:8.1f} ms, {s['slow_path_delta_bytes'] / MB:8.1f} MB of "
               f"delta replayed ({s['slow_path_gb_per_s']:.2f} GB/s), {s['slow_path_replayed_bytes'] / MB:8.1f} MB "
               f"written into the process ({s['slow_path_written_gb_per_s']:.2f} GB/s)")
-    print(f"\nCRIU baseline: {'works' if criu.ok else 'not available'} ({criu.detail}); "
+    emit(f"\nCRIU baseline: {'works' if criu.ok else 'not available'} ({criu.detail}); "
           "Debian's criu 3.17.1 fails `criu check` on this kernel (vdso: Unexpected rt vDSO area bounds), "
           "so the full memory copy above stands in for it.")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\nwrote {a.out} ({results['wall_s']:.0f} s)")
+    md = os.path.splitext(a.out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write("```\n" + "\n".join(lines) + "\n```\n")
+    sys.stdout.write(f"\nwrote {a.out} and {md} ({results['wall_s']:.0f} s)\n")
     return 0
 
 
