@@ -360,29 +360,6 @@ async def _run(fs: Filesystem, sock: socket.socket) -> None:
         nursery.cancel_scope.cancel()
 
 
-def mount_options(options: list[str]) -> set[str]:
-    """FUSE options for the mount: ours, then the user's.
-
-    ``default_permissions`` (the kernel checks modes against the caller) is on
-    whenever someone other than root may use the mount: with ``allow_other``
-    or ``allow_root``, or when the daemon is not root. A mount that root made
-    for itself alone is used by root alone (FUSE refuses every process whose
-    uids and gids are not the mounter's), and root passes those checks anyway
-    -- but with the option on, the kernel asks the daemon for a directory's
-    attributes again before every create, unlink or lookup in it after a
-    change (a GETATTR per file of an ``rm -rf``). So there it is off, and the
-    daemon answers ``access(2)`` and ``chdir`` itself (``may_access``); the
-    kernel still refuses to execute a file without an x bit. A process that
-    runs as uid 0 without CAP_DAC_OVERRIDE (a container that dropped it) is
-    therefore trusted like root: mount with ``-o default_permissions`` to
-    have the kernel check it. Decided here, documented in the README."""
-    opts = (set(pyfuse3.default_options) - {"default_permissions"}) | {"subtype=deltafs"}
-    shared = any(o.split("=", 1)[0] in ("allow_other", "allow_root") for o in options)
-    if shared or os.geteuid() != 0:
-        opts.add("default_permissions")
-    return opts | set(options)
-
-
 def serve(mountpoint: str, store: str, base: str | None, options: list[str],
           ready_fd: int | None) -> int:
     """Mount and serve until unmounted. Reports start-up errors on
@@ -410,8 +387,9 @@ def serve(mountpoint: str, store: str, base: str | None, options: list[str],
         os.makedirs(store, exist_ok=True)
         fs = Filesystem(store, base_fd, f"{base_path} (dev {st.st_dev} ino {st.st_ino})")
         fs.view.files_max = _raise_fd_limit()
-        opts = mount_options(options)
-        opts.add(f"fsname={SOURCE_PREFIX}{store}")
+        opts = set(pyfuse3.default_options)
+        opts |= {f"fsname={SOURCE_PREFIX}{store}", "subtype=deltafs", "default_permissions"}
+        opts |= set(options)
         sock = _listen(os.path.join(store, "control.sock"))
         handles = os.environ.get("DELTAFS_HANDLES") == "1" or not INODE_HANDLES_AVAILABLE
         if not INODE_HANDLES_AVAILABLE:

@@ -68,16 +68,6 @@ def attrs(rec: Inode) -> pyfuse3.EntryAttributes:
     return a
 
 
-def may_access(mode: int, uid: int, gid: int, want: int, who: int, groups: set[int]) -> bool:
-    """generic_permission() for access(2): root may do anything but execute a
-    file that no one may execute."""
-    want &= os.R_OK | os.W_OK | os.X_OK
-    if who == 0:
-        return not (want & os.X_OK) or stat.S_ISDIR(mode) or bool(mode & 0o111)
-    bits = (mode >> 6) if who == uid else (mode >> 3) if gid in groups else mode
-    return (want & bits & 7) == want
-
-
 def _negative() -> pyfuse3.EntryAttributes:
     a = pyfuse3.EntryAttributes()
     a.st_ino = 0
@@ -131,14 +121,6 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         return attrs(self.view.getattr(inode))
-
-    @_errors
-    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
-        # Called only on a mount without default_permissions (root-only, see
-        # daemon.mount_options): answer access(2) and chdir as the kernel would.
-        rec = self.view.getattr(inode)
-        groups = {ctx.gid} if ctx.uid == 0 else {ctx.gid, *pyfuse3.get_sup_groups(ctx.pid)}
-        return may_access(rec.mode, rec.uid, rec.gid, mode, ctx.uid, groups)
 
     @_errors
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any

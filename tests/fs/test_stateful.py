@@ -2,8 +2,8 @@
 
 Random sequences of file operations, checkpoints and rollbacks to any earlier
 checkpoint run on both. Each operation must succeed or fail the same way on
-both (same errno); after every step both trees must agree on names, types,
-modes, sizes, contents, link counts and symlink targets. The oracle keeps a
+both (same errno); every third step and at the end both trees must agree on
+names, types, modes, sizes, contents, link counts and symlink targets. The oracle keeps a
 full copy (``cp -a``, hard links preserved) per checkpoint.
 """
 
@@ -122,9 +122,16 @@ class FSMachine(RuleBasedStateMachine):
 
     @rule(path=PATHS, data=DATA, append=st.booleans())
     def write(self, path: str, data: bytes, append: bool) -> None:
+        # os.open + os.write, as a shell's ">>" does: Python's open() would
+        # fstat the file first, which refreshes what the kernel knows of it
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+
         def op(root: Path) -> None:
-            with open(root / path, "ab" if append else "wb") as f:
-                f.write(data)
+            fd = os.open(root / path, flags, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
         self.both(op)
 
     @rule(path=PATHS, size=st.integers(0, 100000))
@@ -183,9 +190,19 @@ class FSMachine(RuleBasedStateMachine):
         shutil.rmtree(self.oracle)
         subprocess.run(["cp", "-a", str(self.copies / str(cid)), str(self.oracle)], check=True)
 
+    # Comparing stats every file, and a stat makes the kernel fetch the
+    # attributes a rollback invalidated: compared after every step, the
+    # machine could never see an operation use stale ones (an append after a
+    # rollback did, at the discarded branch's size). So: every third step,
+    # and at the end.
     @invariant()
     def same_tree(self) -> None:
         FSMachine.steps += 1
+        self.n = getattr(self, "n", 0) + 1
+        if hasattr(self, "oracle") and self.n % 3 == 0:
+            assert snapshot(self.fs) == snapshot(self.oracle)
+
+    def teardown(self) -> None:
         if hasattr(self, "oracle"):
             assert snapshot(self.fs) == snapshot(self.oracle)
 
