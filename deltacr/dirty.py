@@ -329,13 +329,20 @@ class UffdWpTracker:
     def adopt(self, prepared: object) -> None:
         assert isinstance(prepared, _Armed)
         self._close_ours()
-        self.uffd, self.pagemap, self.target_fd = prepared.uffd, prepared.pagemap, prepared.target_fd
+        # the registration lives in the process's memory map, not in our
+        # descriptors: take the uffd and pagemap again now (a spare must not
+        # hold descriptors of ours while it waits: 128 spares would be 256)
+        pidfd = _sys.pidfd_open(prepared.pid)
+        try:
+            self.uffd = _sys.pidfd_getfd(pidfd, prepared.target_fd)
+        finally:
+            os.close(pidfd)
+        self.pagemap = os.open(f"/proc/{prepared.pid}/pagemap", os.O_RDONLY)
+        self.target_fd = prepared.target_fd
         self.untrackable, self._unregistered = prepared.untrackable, prepared.unregistered
 
     def discard(self, prepared: object) -> None:
-        assert isinstance(prepared, _Armed)
-        os.close(prepared.uffd)
-        os.close(prepared.pagemap)
+        return None
 
     def _arm(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> "_Armed":
         """A uffd in pid (at our fd number), registered for write-protect on
@@ -366,12 +373,11 @@ class UffdWpTracker:
                 if tracked(v):
                     _register(uffd, v.start, v.end, untrackable)
             _scan_written(pagemap)  # write-protect everything: the current state is the base
-            return _Armed(uffd, pagemap, high, untrackable, _scan_unregistered(pagemap))
-        except BaseException:
+            return _Armed(pid, high, untrackable, _scan_unregistered(pagemap))
+        finally:
             os.close(uffd)
             if pagemap >= 0:
                 os.close(pagemap)
-            raise
 
     def _register(self, start: int, end: int) -> bool:
         assert self.uffd is not None
@@ -416,9 +422,8 @@ class UffdWpTracker:
 class _Armed:
     """uffd-wp tracking armed in a process not yet tracked (see prepare())."""
 
-    uffd: int  # our copy
-    pagemap: int
-    target_fd: int
+    pid: int
+    target_fd: int  # the uffd's number inside the process
     untrackable: list[tuple[int, int]]
     unregistered: list[tuple[int, int]]
 

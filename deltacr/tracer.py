@@ -37,7 +37,7 @@ from .delta import DeltaInfo, MapRecord, read_delta
 from .dirty import DirtyTracker, copy_pages, make_tracker, pfn_changed
 from .errors import (AlreadyTraced, DeltaCRError, InjectionFailed, MultiThreaded, NoSuchProcess,
                      NotAttached, NotPermitted, ProcessGone, ProcessIsZombie, RestoreFailed)
-from .procfs import (PF_KTHREAD, Vma, descendants, read_fd_positions, read_maps, read_stat, read_status,
+from .procfs import (PF_KTHREAD, FdPos, Vma, descendants, read_fd_positions, read_maps, read_stat, read_status,
                      thread_count, zombie_children)
 from .replay import ReplayStats, merge, reconcile, replay
 from .restore import restore_cwd_and_mask, restore_fds
@@ -50,6 +50,7 @@ T = TypeVar("T")
 LIVE_OPTIONS = _sys.PTRACE_O_TRACEEXEC  # see an execve: the address space changes under us
 TEMPLATE_OPTIONS = _sys.PTRACE_O_TRACEFORK | _sys.PTRACE_O_EXITKILL
 REAP_BATCH = 8  # dead templates (zombies of the live process) tolerated before reaping them from inside it
+SPARE_QUIET = 0.01  # s without a command before spares are forked (a fork cannot be interrupted)
 
 
 @dataclass
@@ -108,6 +109,20 @@ def refuse_untraceable(pid: int) -> None:
         raise MultiThreaded(
             f"pid {pid} has {n} threads: fork() copies only the calling thread, so a template "
             f"would silently lose the other {n - 1}; deltacr checkpoints single-threaded processes only")
+
+
+def revalidate_files(pid: int, fds: list[FdPos]) -> None:
+    """stat() every regular file the restored process has open, before it
+    runs: after the caller switched its files (a DeltaFS rollback), the
+    kernel may still hold a file's size from the discarded state, and an
+    O_APPEND write would land there; a stat makes it fetch the attributes
+    again (one request per file on FUSE, nothing elsewhere)."""
+    for f in fds:
+        if f.regular:
+            try:
+                os.stat(f"/proc/{pid}/fd/{f.fd}")
+            except OSError:
+                pass
 
 
 def _perms(m: MapRecord) -> str:
@@ -190,6 +205,7 @@ class _TracerThread(threading.Thread):
         self.quiet = quiet  # cleared while a command runs: the background thread pauses
         self.watching = watching  # is there a running process to service?
         self.tick = 0.005
+        self.last_command = time.monotonic()
 
     def call(self, fn: Callable[[], T]) -> T:
         if threading.current_thread() is self:
@@ -240,6 +256,7 @@ class _TracerThread(threading.Thread):
                 fut.set_exception(e)
             finally:
                 self.quiet.set()
+                self.last_command = time.monotonic()
                 self.tick = 0.0005  # after a command, look at the (maybe new) process soon
 
 
@@ -459,13 +476,16 @@ class ProcessCheckpointer:
                             os.waitpid(z, os.WNOHANG)
                         except ChildProcessError:
                             pass
-        if not busy and self._tracer.q.empty() and critical.idle.is_set():
+            # reaped by init, or never ours: forget them (a pid is reused)
+            self._orphans = {p for p in self._orphans if os.path.exists(f"/proc/{p}")}
+        if (not busy and self._tracer.q.empty() and critical.idle.is_set()
+                and time.monotonic() - self._tracer.last_command > SPARE_QUIET):
             busy = self._make_spare()
         return busy
 
     def _make_spare(self) -> bool:
         """Fork a spare for the most recently used template that has none.
-        True if one was made (there may be more to make)."""
+        True if it tried (there may be more to make), False if none is missing."""
         if not self.spares or self._cancel or self.state in ("closed", "attaching"):
             return False
         with self._lock:
@@ -479,12 +499,14 @@ class ProcessCheckpointer:
         try:
             spare = inject.fork(tpl, ck.registers, ck.syscall_addr)
             inject.set_options(spare, TEMPLATE_OPTIONS)  # dies with the tracer, like its template
-            with self._lock:
-                layout = self._layouts.get(cid)
-            armed = self.tracker.prepare(
-                spare, self._run_in(spare, ck.registers, ck.syscall_addr),
-                lambda: [Vma(m.start, m.end, _perms(m), m.offset, m.path) for m in layout] if layout
-                else read_maps(spare))
+            armed = None
+            if self._tracer.q.empty():  # else a command waits: the rollback arms tracking itself
+                with self._lock:
+                    layout = self._layouts.get(cid)
+                armed = self.tracker.prepare(
+                    spare, self._run_in(spare, ck.registers, ck.syscall_addr),
+                    lambda: [Vma(m.start, m.end, _perms(m), m.offset, m.path) for m in layout] if layout
+                    else read_maps(spare))
         except (DeltaCRError, OSError) as e:
             if spare:
                 inject.kill_and_reap(spare)
@@ -492,13 +514,18 @@ class ProcessCheckpointer:
             self._no_spare.add(cid)
             self.warnings.append(f"no spare for checkpoint {cid} (template {tpl}): {e}; "
                                  "its rollbacks fork on the critical path")
-            return False
-        self._spares[cid] = _Spare(spare, armed)
+            return True
+        with self._lock:
+            self._spares[cid] = _Spare(spare, armed)
         return True
 
     def _take_spare(self, cid: int) -> _Spare | None:
-        """The spare of checkpoint cid, if it has a usable one."""
-        spare = self._spares.pop(cid, None)
+        """The spare of checkpoint cid, if it has a usable one: alive, and
+        with no signal pending. A signal sent to the process group while it
+        waited (Ctrl-C, kill 0) was meant for the process of that moment; a
+        process forked now would not have it."""
+        with self._lock:
+            spare = self._spares.pop(cid, None)
         if spare is None:
             return None
         if self.spares:
@@ -507,13 +534,19 @@ class ProcessCheckpointer:
             except ChildProcessError:
                 wpid = -1
             if wpid == 0:  # still in its stop: nothing happened to it
-                return spare
-        self._drop_spare(spare, wait=True)  # killed by someone, or spares were switched off
+                try:
+                    st = read_status(spare.pid)
+                except NoSuchProcess:
+                    st = {}
+                if int(st.get("SigPnd", "1"), 16) == 0 and int(st.get("ShdPnd", "1"), 16) == 0:
+                    return spare
+        self._drop_spare(spare, wait=True)  # killed, signalled, or spares were switched off
         return None
 
     def _kill_spare(self, cid: int) -> None:
         self._no_spare.discard(cid)
-        spare = self._spares.pop(cid, None)
+        with self._lock:
+            spare = self._spares.pop(cid, None)
         if spare is not None:
             self._drop_spare(spare, wait=False)
 
@@ -715,6 +748,7 @@ class ProcessCheckpointer:
                 cwd, sigmask = read_cwd(tpl), signal_mask(tpl)
             warnings = self._set_fds(live, run, ck, slow=True)
             warnings += restore_cwd_and_mask(live, run, cwd, sigmask)
+            revalidate_files(live, ck.fds)
             if ck.xstate:
                 _sys.ptrace_set_xstate(live, ck.xstate)
         except BaseException:
@@ -842,6 +876,7 @@ class ProcessCheckpointer:
                                                           for m in layout] if layout else read_maps(new))
             except (OSError, InjectionFailed) as e:
                 warnings.append(f"dirty tracking could not be re-armed in pid {new}: {e}")
+            revalidate_files(new, ck.fds)
             if resume:
                 inject.resume(new, inject.resumable_regs(regs))
             else:
@@ -851,6 +886,7 @@ class ProcessCheckpointer:
                 self.tracker.discard(ready.armed)
             if new:
                 inject.kill_and_reap(new)
+                self._orphan(new)  # a child of a frozen template: its zombie waits for that one
             if old is not None:
                 if gate is not None and gate.wait():
                     # The caller went on (its files are switched): the old
@@ -964,9 +1000,9 @@ class ProcessCheckpointer:
                 self.session.write(data)  # fsync outside the lock: a slow disk must not stall a checkpoint
             except OSError as e:
                 self.warnings.append(f"saving the session of pid {self.pid}: {e}")
-            self._done[job.cid].set()
             if not self._cancel and ck.delta_state == "written":
-                self._tracer.post(self._evict)
+                self._tracer.post(self._evict)  # before waiters go on: they must see it done
+            self._done[job.cid].set()
             self._bg_q.task_done()
 
     # ------------------------------------------------------------------ public API
@@ -1053,14 +1089,17 @@ class ProcessCheckpointer:
         """Wait until every delta queued so far is written (or failed), the
         template evictions that made possible have happened and every
         template has its spare."""
-        for ev in list(self._done.values()):
-            if not ev.wait(timeout):
-                raise DeltaCRError(f"pid {self.pid}: background delta writing did not finish in {timeout} s")
+        self._wait_deltas(timeout)
         if self._tracer.is_alive() and threading.current_thread() is not self._tracer:
             def fill() -> None:  # evictions posted by those writes have run too; then the spares
                 while self._make_spare():
                     pass
             self._tracer.call(fill)
+
+    def _wait_deltas(self, timeout: float | None) -> None:
+        for ev in list(self._done.values()):
+            if not ev.wait(timeout):
+                raise DeltaCRError(f"pid {self.pid}: background delta writing did not finish in {timeout} s")
 
     def list(self) -> list[CheckpointInfo]:
         with self._lock:
@@ -1079,7 +1118,7 @@ class ProcessCheckpointer:
                 "checkpoints": len(self.session.checkpoints),
                 "current": self.current,
                 "templates": {str(c): p for c, p in self.pool.items()},
-                "spares": {str(c): s.pid for c, s in self._spares.items()},
+                "spares": {str(c): s.pid for c, s in list(self._spares.items())},
                 "max_templates": self.pool.max_templates,
                 "warnings": list(self.warnings),
             }
@@ -1093,7 +1132,7 @@ class ProcessCheckpointer:
         next rollback to it takes the slow path. False if it is pinned (root)."""
         with self._lock:
             self.session.get(cid)  # NoSuchCheckpoint for an unknown id
-        self.wait_background()  # a pending delta may still read this template
+        self._wait_deltas(None)  # a pending delta may still read this template
 
         def op() -> bool:
             with self._lock:

@@ -76,7 +76,9 @@ class RollbackReport:
     ms: float
     fs_ms: float  # until the files were switched (the processes are forked from their templates meanwhile)
     pids: dict[str, int | None]  # name -> live pid after the rollback (None: not running)
-    paths: dict[str, str] = field(default_factory=dict)  # name -> "fast" | "slow"
+    # name -> "spare" (the template's pre-forked child), "fast" (forked from
+    # the template now) or "slow" (an older template plus memory deltas)
+    paths: dict[str, str] = field(default_factory=dict)
 
 
 def read_until(fd: int, buf: bytes, marker: bytes | str, timeout: float,
@@ -314,7 +316,7 @@ class Sandbox:
                 self._end(p, stopped=True)
                 failed.append(f"{p.name}: {e}")
             else:
-                pids[p.name], paths[p.name] = r.pid, r.path
+                pids[p.name], paths[p.name] = r.pid, "spare" if r.spare else r.path
         self.current = state
         if failed:
             raise RollbackFailed(f"the sandbox is in state {state}, but these processes could not be "

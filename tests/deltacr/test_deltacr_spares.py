@@ -107,3 +107,18 @@ def test_spares_go_with_their_templates(lab: Lab, store: str) -> None:
     cp.detach()
     assert _wait_gone(sorted(kept)) == []
     assert r.eval("x") == 5
+
+
+def test_a_spare_that_was_sent_a_signal_is_not_used(lab: Lab, store: str) -> None:
+    # A signal sent to the process group reaches the waiting spares too; it
+    # was meant for the process of that moment, not for a later rollback.
+    r = lab.repl("import signal; got = []; signal.signal(signal.SIGUSR1, lambda *a: got.append(1))")
+    cp = lab.checkpointer(r.pid, store)
+    c1 = cp.checkpoint().id
+    cp.wait_background()
+    spare = int(cp.status()["spares"][str(c1)])
+    os.kill(spare, signal.SIGUSR1)
+    res = cp.rollback(c1)
+    assert not res.spare and res.pid != spare
+    assert r.eval("got") == []
+    assert _wait_gone([spare]) == []

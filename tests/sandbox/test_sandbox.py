@@ -189,3 +189,23 @@ def test_slow_path_rollback_reopens_files_of_the_target_state(base: Path, tmp_pa
         r = sb.rollback(a)
         assert r.paths["py"] == "slow"
         assert ask(py, "print(f.read())") == "defgh"
+
+
+def test_files_held_open_in_append_mode_across_a_rollback(sb: deltabox.Sandbox) -> None:
+    # The restored processes write through descriptors opened before the
+    # checkpoint. O_APPEND writes at the size the kernel holds for the file,
+    # which a rollback makes stale: the rollback must make the kernel fetch
+    # it again, or the log gets a hole of NUL bytes.
+    sh, py = start_shells(sb)
+    log = Path(sb.root) / "log"
+    ask(py, "import os; fd = os.open('log', os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644); "
+            "os.write(fd, b'py start\\n')")
+    ask(sh, "exec 3>>log; echo 'sh start' >&3")
+    s1 = sb.checkpoint("short log").id
+    ask(py, "os.write(fd, b'py: a long line of a branch that is thrown away\\n')")
+    ask(sh, "echo 'sh: another line of that branch' >&3")
+    sb.checkpoint("long log")
+    sb.rollback(s1)
+    ask(py, "os.write(fd, b'py after\\n')")
+    ask(sh, "echo 'sh after' >&3")
+    assert log.read_bytes() == b"py start\nsh start\npy after\nsh after\n"
