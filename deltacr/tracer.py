@@ -111,6 +111,20 @@ def refuse_untraceable(pid: int) -> None:
             f"would silently lose the other {n - 1}; deltacr checkpoints single-threaded processes only")
 
 
+def _signal_pending(pid: int) -> bool:
+    """Does pid have a signal pending (SigPnd or ShdPnd of /proc/PID/status)?"""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            status = f.read()
+    except OSError:
+        return True
+    for key in (b"\nSigPnd:\t", b"\nShdPnd:\t"):
+        at = status.find(key)
+        if at < 0 or status[at + len(key):status.index(b"\n", at + 1)].strip(b"0"):
+            return True
+    return False
+
+
 def revalidate_files(pid: int, fds: list[FdPos]) -> None:
     """stat() every regular file the restored process has open, before it
     runs: after the caller switched its files (a DeltaFS rollback), the
@@ -519,6 +533,22 @@ class ProcessCheckpointer:
             self._spares[cid] = _Spare(spare, armed)
         return True
 
+    def _arm_spares(self) -> None:
+        """Prepare tracking in spares forked while a command was waiting."""
+        with self._lock:
+            todo = [(c, sp) for c, sp in self._spares.items() if sp.armed is None]
+        for cid, sp in todo:
+            ck = self.session.checkpoints[cid]
+            with self._lock:
+                layout = self._layouts.get(cid)
+            try:
+                sp.armed = self.tracker.prepare(
+                    sp.pid, self._run_in(sp.pid, ck.registers, ck.syscall_addr),
+                    lambda: [Vma(m.start, m.end, _perms(m), m.offset, m.path) for m in layout] if layout
+                    else read_maps(sp.pid))
+            except (DeltaCRError, OSError):
+                pass  # the rollback arms tracking itself
+
     def _take_spare(self, cid: int) -> _Spare | None:
         """The spare of checkpoint cid, if it has a usable one: alive, and
         with no signal pending. A signal sent to the process group while it
@@ -533,13 +563,8 @@ class ProcessCheckpointer:
                 wpid, _ = _sys.waitpid(spare.pid, _sys.WNOHANG)
             except ChildProcessError:
                 wpid = -1
-            if wpid == 0:  # still in its stop: nothing happened to it
-                try:
-                    st = read_status(spare.pid)
-                except NoSuchProcess:
-                    st = {}
-                if int(st.get("SigPnd", "1"), 16) == 0 and int(st.get("ShdPnd", "1"), 16) == 0:
-                    return spare
+            if wpid == 0 and not _signal_pending(spare.pid):  # still in its stop, nothing sent to it
+                return spare
         self._drop_spare(spare, wait=True)  # killed, signalled, or spares were switched off
         return None
 
@@ -1094,6 +1119,7 @@ class ProcessCheckpointer:
             def fill() -> None:  # evictions posted by those writes have run too; then the spares
                 while self._make_spare():
                     pass
+                self._arm_spares()
             self._tracer.call(fill)
 
     def _wait_deltas(self, timeout: float | None) -> None:
