@@ -195,6 +195,20 @@ class FSMachine(RuleBasedStateMachine):
     # machine could never see an operation use stale ones (an append after a
     # rollback did, at the discarded branch's size). So: every third step,
     # and at the end.
+    @rule(data=st.data(), path=PATHS, tail=st.binary(min_size=1, max_size=50))
+    def rollback_then_append(self, data: st.DataObject, path: str, tail: bytes) -> None:
+        # Nothing may look at the file between the two: an append right after
+        # a rollback must use the rolled-back size, not one the kernel kept.
+        self.rollback(data)
+
+        def op(root: Path) -> None:
+            fd = os.open(root / path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, tail)
+            finally:
+                os.close(fd)
+        self.both(op)
+
     @invariant()
     def same_tree(self) -> None:
         FSMachine.steps += 1
