@@ -332,6 +332,7 @@ class ProcessCheckpointer:
         self._orphans: set[int] = set()  # descendants of replaced processes, reaped when they exit
         self._dead_templates: set[int] = set()  # killed templates whose parent still has to reap them
         self._retiring: list[int] = []  # replaced live processes, still stopped, to kill when idle
+        self._unfinished: list[Callable[[], None]] = []  # captures to record once the process runs
         self._lock = threading.RLock()
         self._layouts: dict[int, list[MapRecord]] = {}
         self._hashes: dict[int, dict[int, bytes]] = {}
@@ -638,7 +639,12 @@ class ProcessCheckpointer:
                 self.warnings.append(f"re-arming dirty tracking after execve in pid {self.live_pid}: {e}")
         return (time.perf_counter() - t) * 1e3
 
-    def _capture(self, label: str) -> tuple[int, float]:
+    def _capture(self, label: str, defer: bool = False) -> tuple[int, float]:
+        """Fork the template and read what cannot wait (fd offsets move as
+        soon as the process runs). With ``defer``, the rest -- reading the
+        vector registers (from the template: a fork copies them), recording
+        the checkpoint, queueing its delta -- waits in ``self._unfinished``
+        until ``_resume()`` has let the process go."""
         t = time.perf_counter()
         if self.state != "stopped" or self.live_pid is None or self._regs is None:
             raise DeltaCRError(f"pid {self.pid}: capture() needs a stopped process: call stop() first")
@@ -647,27 +653,44 @@ class ProcessCheckpointer:
         if n > 1:
             raise MultiThreaded(f"pid {live} (session {self.pid}) now has {n} threads: fork() copies only "
                                 "the calling thread; no checkpoint taken (call resume())")
-        try:
-            xstate = _sys.ptrace_get_xstate(live)
-        except OSError as e:  # no XSAVE: the slow path then keeps the base template's vector registers
-            xstate = b""
-            if not any("vector registers" in w for w in self.warnings):
-                self.warnings.append(f"pid {live}: the vector registers cannot be read ({e}); a slow-path "
-                                     "restore of a process stopped mid-computation may go wrong")
         dirty = self.tracker.collect(live, self._run_in(live, regs), lambda: read_maps(live))
         inject.set_options(live, LIVE_OPTIONS | _sys.PTRACE_O_TRACEFORK)
         try:
             tpl = inject.fork(live, regs, self._syscall_addr)
         finally:
             inject.set_options(live, LIVE_OPTIONS)
-        inject.set_options(tpl, TEMPLATE_OPTIONS)
+        inject.set_options(tpl, TEMPLATE_OPTIONS)  # now: it must die with us, whatever happens next
         fds = read_fd_positions(live)
         with self._lock:
             cid = self.session.new_id()
-            ck = Checkpoint(cid, self.current, label, time.time(), regs.to_bytes(), fds,
+        parent, created = self.current, time.time()
+
+        def finish() -> None:
+            try:
+                xstate = _sys.ptrace_get_xstate(tpl)
+            except OSError as e:  # no XSAVE: the slow path then keeps the base template's vector registers
+                xstate = b""
+                if not any("vector registers" in w for w in self.warnings):
+                    self.warnings.append(f"pid {live}: the vector registers cannot be read ({e}); a slow-path "
+                                         "restore of a process stopped mid-computation may go wrong")
+            self._record(cid, parent, created, label, regs, fds, xstate, tpl, dirty)
+        if defer:
+            self._unfinished.append(finish)
+        else:
+            finish()
+        return cid, (time.perf_counter() - t) * 1e3
+
+    def _finish_captures(self) -> None:
+        while self._unfinished:
+            self._unfinished.pop(0)()
+
+    def _record(self, cid: int, parent: int | None, created: float, label: str, regs: _sys.Regs,
+                fds: list[FdPos], xstate: bytes, tpl: int, dirty: Any) -> None:
+        with self._lock:
+            ck = Checkpoint(cid, parent, label, created, regs.to_bytes(), fds,
                             syscall_addr=self._syscall_addr, xstate=xstate)
             self.session.checkpoints[cid] = ck
-            self.pool.add(cid, tpl, root=self.current is None)
+            self.pool.add(cid, tpl, root=parent is None)
             self._done[cid] = threading.Event()
             witness = None
             if dirty.by_pfn and ck.parent is not None:
@@ -676,9 +699,8 @@ class ProcessCheckpointer:
                     self.pool.hold(ck.parent)
             self.current = cid
         self._bg_q.put(DeltaJob(cid, ck.parent, tpl, dirty, self.session.delta_path(cid), witness))
-        return cid, (time.perf_counter() - t) * 1e3
 
-    def _resume(self) -> float:
+    def _resume(self, finish: bool = True) -> float:
         t = time.perf_counter()
         if self.state != "stopped" or self.live_pid is None:
             return 0.0
@@ -691,7 +713,10 @@ class ProcessCheckpointer:
         inject.resume(self.live_pid, inject.resumable_regs(self._regs), self._pending)
         self._pending = []
         self.state = "running"
-        return (time.perf_counter() - t) * 1e3
+        ms = (time.perf_counter() - t) * 1e3
+        if finish:
+            self._finish_captures()
+        return ms
 
     def _reap_dead_templates(self, live: int, regs: _sys.Regs) -> None:
         """A killed template stays a zombie until its parent -- usually the live
@@ -1052,7 +1077,7 @@ class ProcessCheckpointer:
             finally:
                 stopped.set()
             try:
-                cid, _ = self._capture(label)
+                cid, _ = self._capture(label, defer=True)
             except BaseException:
                 self._resume()
                 raise
@@ -1090,10 +1115,11 @@ class ProcessCheckpointer:
             t = time.perf_counter()
             s = self._stop()
             try:
-                cid, c = self._capture(label)
+                cid, c = self._capture(label, defer=True)
             finally:
-                r = self._resume()
-            crit = (time.perf_counter() - t) * 1e3
+                r = self._resume(finish=False)
+            crit = (time.perf_counter() - t) * 1e3  # the process runs again: the rest is off its path
+            self._finish_captures()
             self.session.checkpoints[cid].critical_ms = crit
             return CheckpointResult(cid, crit, s, c, r)
         return self._tracer.call(op)
