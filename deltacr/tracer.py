@@ -710,13 +710,14 @@ class ProcessCheckpointer:
                 self._reap_dead_templates(self.live_pid, self._regs)
             except (DeltaCRError, OSError) as e:  # never keep the process stopped over a zombie
                 self.warnings.append(f"reaping dead templates in pid {self.live_pid}: {e}")
-        inject.resume(self.live_pid, inject.resumable_regs(self._regs), self._pending)
+        try:
+            inject.resume(self.live_pid, inject.resumable_regs(self._regs), self._pending)
+        finally:  # a template taken just before is a checkpoint even if the process died since
+            if finish:
+                self._finish_captures()
         self._pending = []
         self.state = "running"
-        ms = (time.perf_counter() - t) * 1e3
-        if finish:
-            self._finish_captures()
-        return ms
+        return (time.perf_counter() - t) * 1e3
 
     def _reap_dead_templates(self, live: int, regs: _sys.Regs) -> None:
         """A killed template stays a zombie until its parent -- usually the live
@@ -1115,11 +1116,13 @@ class ProcessCheckpointer:
             t = time.perf_counter()
             s = self._stop()
             try:
-                cid, c = self._capture(label, defer=True)
+                try:
+                    cid, c = self._capture(label, defer=True)
+                finally:
+                    r = self._resume(finish=False)
+                crit = (time.perf_counter() - t) * 1e3  # the process runs again: the rest is off its path
             finally:
-                r = self._resume(finish=False)
-            crit = (time.perf_counter() - t) * 1e3  # the process runs again: the rest is off its path
-            self._finish_captures()
+                self._finish_captures()
             self.session.checkpoints[cid].critical_ms = crit
             return CheckpointResult(cid, crit, s, c, r)
         return self._tracer.call(op)
