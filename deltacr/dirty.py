@@ -72,14 +72,12 @@ class DirtyTracker(Protocol):
     def prepare(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> object | None:
         """Arm tracking ahead of time in a stopped process that is not tracked
         yet (a template's spare); ``adopt()`` switches to it when it becomes the
-        live process, ``discard()`` drops it. None: nothing worth preparing
-        (``setup()`` is cheap for this backend)."""
+        live process. What it returns holds no resource of ours: an unused one
+        is simply dropped. None: nothing worth preparing (``setup()`` is cheap
+        for this backend)."""
 
     def adopt(self, prepared: object) -> None:
         """Track the process ``prepared`` was made for; its pages count clean."""
-
-    def discard(self, prepared: object) -> None:
-        """Release what ``prepare()`` opened (the process is not used)."""
 
 
 class _NothingToPrepare:
@@ -87,9 +85,6 @@ class _NothingToPrepare:
         return None
 
     def adopt(self, prepared: object) -> None:
-        return None
-
-    def discard(self, prepared: object) -> None:
         return None
 
 
@@ -340,9 +335,6 @@ class UffdWpTracker:
         self.pagemap = os.open(f"/proc/{prepared.pid}/pagemap", os.O_RDONLY)
         self.target_fd = prepared.target_fd
         self.untrackable, self._unregistered = prepared.untrackable, prepared.unregistered
-
-    def discard(self, prepared: object) -> None:
-        return None
 
     def _arm(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> "_Armed":
         """A uffd in pid (at our fd number), registered for write-protect on

@@ -514,14 +514,9 @@ class ProcessCheckpointer:
         try:
             spare = inject.fork(tpl, ck.registers, ck.syscall_addr)
             inject.set_options(spare, TEMPLATE_OPTIONS)  # dies with the tracer, like its template
-            armed = None
-            if self._tracer.q.empty():  # else a command waits: the rollback arms tracking itself
-                with self._lock:
-                    layout = self._layouts.get(cid)
-                armed = self.tracker.prepare(
-                    spare, self._run_in(spare, ck.registers, ck.syscall_addr),
-                    lambda: [Vma(m.start, m.end, _perms(m), m.offset, m.path) for m in layout] if layout
-                    else read_maps(spare))
+            sp = _Spare(spare, None)
+            if self._tracer.q.empty():  # else a command waits: wait_background() or the rollback arms it
+                self._arm(cid, sp)
         except (DeltaCRError, OSError) as e:
             if spare:
                 inject.kill_and_reap(spare)
@@ -531,22 +526,30 @@ class ProcessCheckpointer:
                                  "its rollbacks fork on the critical path")
             return True
         with self._lock:
-            self._spares[cid] = _Spare(spare, armed)
+            self._spares[cid] = sp
         return True
+
+    def _vmas(self, cid: int, pid: int) -> Callable[[], list[Vma]]:
+        """The mappings of pid, a fresh fork of checkpoint cid's template: the
+        checkpoint's recorded layout when the delta writer has read it."""
+        with self._lock:
+            layout = self._layouts.get(cid)
+        if layout:
+            return lambda: [Vma(m.start, m.end, _perms(m), m.offset, m.path) for m in layout]
+        return lambda: read_maps(pid)
+
+    def _arm(self, cid: int, sp: _Spare) -> None:
+        ck = self.session.checkpoints[cid]
+        sp.armed = self.tracker.prepare(sp.pid, self._run_in(sp.pid, ck.registers, ck.syscall_addr),
+                                        self._vmas(cid, sp.pid))
 
     def _arm_spares(self) -> None:
         """Prepare tracking in spares forked while a command was waiting."""
         with self._lock:
             todo = [(c, sp) for c, sp in self._spares.items() if sp.armed is None]
         for cid, sp in todo:
-            ck = self.session.checkpoints[cid]
-            with self._lock:
-                layout = self._layouts.get(cid)
             try:
-                sp.armed = self.tracker.prepare(
-                    sp.pid, self._run_in(sp.pid, ck.registers, ck.syscall_addr),
-                    lambda: [Vma(m.start, m.end, _perms(m), m.offset, m.path) for m in layout] if layout
-                    else read_maps(sp.pid))
+                self._arm(cid, sp)
             except (DeltaCRError, OSError):
                 pass  # the rollback arms tracking itself
 
@@ -577,8 +580,6 @@ class ProcessCheckpointer:
             self._drop_spare(spare, wait=False)
 
     def _drop_spare(self, spare: _Spare, wait: bool) -> None:
-        if spare.armed is not None:
-            self.tracker.discard(spare.armed)
         if wait:
             inject.kill_and_reap(spare.pid)
         else:
@@ -916,15 +917,10 @@ class ProcessCheckpointer:
                         self.pool.add(cid, tnew)
                         self.pool.mark_durable(cid)
             try:
-                # the checkpoint's layout is the new process's layout: skip reading maps
-                with self._lock:
-                    layout = self._layouts.get(cid) if path == "fast" else None
                 if ready is not None and ready.armed is not None:
                     self.tracker.adopt(ready.armed)
-                    ready.armed = None
-                else:
-                    self.tracker.setup(new, run, lambda: [Vma(m.start, m.end, _perms(m), m.offset, m.path)
-                                                          for m in layout] if layout else read_maps(new))
+                else:  # on the fast path the checkpoint's layout is the new process's: no maps to read
+                    self.tracker.setup(new, run, self._vmas(cid, new) if path == "fast" else lambda: read_maps(new))
             except (OSError, InjectionFailed) as e:
                 warnings.append(f"dirty tracking could not be re-armed in pid {new}: {e}")
             revalidate_files(new, ck.fds)
@@ -933,8 +929,6 @@ class ProcessCheckpointer:
             else:
                 _sys.ptrace_setregs(new, regs)
         except BaseException:
-            if ready is not None and ready.armed is not None:
-                self.tracker.discard(ready.armed)
             if new:
                 inject.kill_and_reap(new)
                 self._orphan(new)  # a child of a frozen template: its zombie waits for that one

@@ -17,9 +17,9 @@ abandoned branch), then switch the filesystem while every process of the
 target state is made ready, side by side; the new processes run only once
 the files are switched. Making a process ready usually forks nothing: each
 template's *spare*, a child DeltaCR forked from it while the sandbox was
-idle, is taken (a fork of the 55 MB REPL of the benchmark costs 3 ms; taking
-its spare, 0.3 ms); a template without one is forked as before. A process that exited after the
-target state comes back. If the filesystem switch fails, the prepared
+idle, is taken (a fork of the benchmark's 55 MB REPL costs about 3 ms,
+taking a spare under 1 ms); a template without one is forked as before. A
+process that exited after the target state comes back. If the filesystem switch fails, the prepared
 processes are thrown away and the old ones resume: nothing changed. If a
 process cannot be restored after the switch, it is ended and the error says
 so: the sandbox is then in the target state without that process, never a
