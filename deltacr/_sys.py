@@ -44,6 +44,7 @@ SYS_munmap = 11
 SYS_brk = 12
 SYS_rt_sigprocmask = 14
 SYS_mremap = 25
+SYS_clone = 56
 SYS_fork = 57
 SYS_wait4 = 61
 SYS_fcntl = 72
@@ -53,6 +54,8 @@ SYS_restart_syscall = 219
 SYS_userfaultfd = 323
 SYS_pidfd_open = 434
 SYS_pidfd_getfd = 438
+
+CLONE_PTRACE = 0x2000
 
 # --- errno values the kernel uses for syscall restart (never seen by userspace) --
 ERESTARTSYS = 512

@@ -63,7 +63,7 @@ def probe_ptrace_and_fork() -> list[Probe]:
     template = 0
     try:
         try:
-            inject.seize(child, _sys.PTRACE_O_TRACEFORK | _sys.PTRACE_O_EXITKILL)
+            inject.seize(child, _sys.PTRACE_O_EXITKILL)
             inject.interrupt(child)
             probes.append(Probe("ptrace", True, "PTRACE_SEIZE + PTRACE_INTERRUPT work"))
         except OSError as e:

@@ -48,7 +48,7 @@ from .writer import DeltaJob, write_delta
 T = TypeVar("T")
 
 LIVE_OPTIONS = _sys.PTRACE_O_TRACEEXEC  # see an execve: the address space changes under us
-TEMPLATE_OPTIONS = _sys.PTRACE_O_TRACEFORK | _sys.PTRACE_O_EXITKILL
+TEMPLATE_OPTIONS = _sys.PTRACE_O_EXITKILL
 REAP_BATCH = 8  # dead templates (zombies of the live process) tolerated before reaping them from inside it
 SPARE_QUIET = 0.01  # s without a command before spares are forked (a fork cannot be interrupted)
 
@@ -220,6 +220,9 @@ class _TracerThread(threading.Thread):
         self.watching = watching  # is there a running process to service?
         self.tick = 0.005
         self.last_command = time.monotonic()
+        # work a command leaves for after its caller has the answer; it runs
+        # before the next command, so every command sees it done
+        self.after: list[Callable[[], None]] = []
 
     def call(self, fn: Callable[[], T]) -> T:
         if threading.current_thread() is self:
@@ -269,6 +272,8 @@ class _TracerThread(threading.Thread):
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 fut.set_exception(e)
             finally:
+                while self.after:
+                    self.after.pop(0)()
                 self.quiet.set()
                 self.last_command = time.monotonic()
                 self.tick = 0.0005  # after a command, look at the (maybe new) process soon
@@ -333,6 +338,8 @@ class ProcessCheckpointer:
         self._dead_templates: set[int] = set()  # killed templates whose parent still has to reap them
         self._retiring: list[int] = []  # replaced live processes, still stopped, to kill when idle
         self._unfinished: list[Callable[[], None]] = []  # captures to record once the process runs
+        self.last_capture_ms = 0.0  # the last capture's time (fork and all): callers start the slowest first
+        self.last_fork_ms = 0.0  # of which the injected fork() (the kernel copying page tables)
         self._lock = threading.RLock()
         self._layouts: dict[int, list[MapRecord]] = {}
         self._hashes: dict[int, dict[int, bytes]] = {}
@@ -655,13 +662,22 @@ class ProcessCheckpointer:
             raise MultiThreaded(f"pid {live} (session {self.pid}) now has {n} threads: fork() copies only "
                                 "the calling thread; no checkpoint taken (call resume())")
         dirty = self.tracker.collect(live, self._run_in(live, regs), lambda: read_maps(live))
-        inject.set_options(live, LIVE_OPTIONS | _sys.PTRACE_O_TRACEFORK)
-        try:
-            tpl = inject.fork(live, regs, self._syscall_addr)
-        finally:
-            inject.set_options(live, LIVE_OPTIONS)
+        got: dict[str, Any] = {}
+
+        def during() -> None:  # the process is stopped in fork(): its offsets do not move
+            try:
+                got["fds"] = read_fd_positions(live)
+            except BaseException as e:  # noqa: BLE001 - raised once the fork is over
+                got["error"] = e
+        tf = time.perf_counter()
+        tpl = inject.fork(live, regs, self._syscall_addr, during)
+        self.last_fork_ms = (time.perf_counter() - tf) * 1e3
         inject.set_options(tpl, TEMPLATE_OPTIONS)  # now: it must die with us, whatever happens next
-        fds = read_fd_positions(live)
+        if "error" in got:
+            inject.kill_and_reap(tpl)
+            self._dead_templates.add(tpl)
+            raise got["error"]
+        fds: list[FdPos] = got["fds"]
         with self._lock:
             cid = self.session.new_id()
         parent, created = self.current, time.time()
@@ -679,11 +695,30 @@ class ProcessCheckpointer:
             self._unfinished.append(finish)
         else:
             finish()
-        return cid, (time.perf_counter() - t) * 1e3
+        self.last_capture_ms = (time.perf_counter() - t) * 1e3
+        return cid, self.last_capture_ms
 
     def _finish_captures(self) -> None:
         while self._unfinished:
             self._unfinished.pop(0)()
+
+    def _finish_later(self) -> None:
+        """Record the captures of a command once its caller has the answer
+        (the tracer thread runs this before its next command; readers on
+        other threads wait for it with ``_settle()``)."""
+        def finish() -> None:
+            try:
+                self._finish_captures()
+            except Exception as e:  # noqa: BLE001 - nothing to raise it to any more
+                self._unfinished.clear()
+                self.warnings.append(f"pid {self.pid}: recording a checkpoint failed: {e}")
+        self._tracer.after.append(finish)
+
+    def _settle(self) -> None:
+        """Wait until the tracer thread has finished what its last command
+        left for later (a checkpoint's record), when called from elsewhere."""
+        if self._tracer.is_alive() and threading.current_thread() is not self._tracer:
+            self._tracer.call(lambda: None)
 
     def _record(self, cid: int, parent: int | None, created: float, label: str, regs: _sys.Regs,
                 fds: list[FdPos], xstate: bytes, tpl: int, dirty: Any) -> None:
@@ -909,9 +944,7 @@ class ProcessCheckpointer:
                 warnings += restore_cwd_and_mask(new, run, ck.cwd, ck.sigmask)
                 warnings += self._set_fds(new, run, ck, slow=True)
                 if self.rehydrate:
-                    inject.set_options(new, LIVE_OPTIONS | _sys.PTRACE_O_TRACEFORK)
                     tnew = inject.fork(new, regs, addr)
-                    inject.set_options(new, LIVE_OPTIONS)
                     inject.set_options(tnew, TEMPLATE_OPTIONS)
                     with self._lock:
                         self.pool.add(cid, tnew)
@@ -1079,7 +1112,8 @@ class ProcessCheckpointer:
             try:
                 gate.wait()
             finally:
-                self._resume()
+                self._finish_later()  # even if the resume fails: the template is a checkpoint
+                self._resume(finish=False)
             return cid
         return stopped, self._tracer.submit(op)
 
@@ -1110,14 +1144,16 @@ class ProcessCheckpointer:
             t = time.perf_counter()
             s = self._stop()
             try:
-                try:
-                    cid, c = self._capture(label, defer=True)
-                finally:
-                    r = self._resume(finish=False)
-                crit = (time.perf_counter() - t) * 1e3  # the process runs again: the rest is off its path
+                cid, c = self._capture(label, defer=True)
             finally:
-                self._finish_captures()
-            self.session.checkpoints[cid].critical_ms = crit
+                self._finish_later()
+                r = self._resume(finish=False)
+            crit = (time.perf_counter() - t) * 1e3  # the process runs again: the rest is off its path
+
+            def note() -> None:
+                if cid in self.session.checkpoints:
+                    self.session.checkpoints[cid].critical_ms = crit
+            self._tracer.after.append(note)
             return CheckpointResult(cid, crit, s, c, r)
         return self._tracer.call(op)
 
@@ -1137,6 +1173,7 @@ class ProcessCheckpointer:
         """Wait until every delta queued so far is written (or failed), the
         template evictions that made possible have happened and every
         template has its spare."""
+        self._settle()
         self._wait_deltas(timeout)
         if self._tracer.is_alive() and threading.current_thread() is not self._tracer:
             def fill() -> None:  # evictions posted by those writes have run too; then the spares
@@ -1151,12 +1188,14 @@ class ProcessCheckpointer:
                 raise DeltaCRError(f"pid {self.pid}: background delta writing did not finish in {timeout} s")
 
     def list(self) -> list[CheckpointInfo]:
+        self._settle()
         with self._lock:
             return [CheckpointInfo(c.id, c.parent, c.label, c.created, c.id in self.pool, c.id == self.current,
                                    c.delta_state, c.delta_bytes, c.delta_pages, c.critical_ms, c.background_ms)
                     for c in sorted(self.session.checkpoints.values(), key=lambda c: c.id)]
 
     def status(self) -> dict[str, Any]:
+        self._settle()
         with self._lock:
             return {
                 "pid": self.pid,
@@ -1173,12 +1212,14 @@ class ProcessCheckpointer:
             }
 
     def template_pid(self, cid: int) -> int | None:
+        self._settle()
         with self._lock:
             return self.pool.pid(cid)
 
     def evict(self, cid: int) -> bool:
         """Drop checkpoint cid's template now (after its delta is written); the
         next rollback to it takes the slow path. False if it is pinned (root)."""
+        self._settle()
         with self._lock:
             self.session.get(cid)  # NoSuchCheckpoint for an unknown id
         self._wait_deltas(None)  # a pending delta may still read this template
