@@ -75,6 +75,7 @@ SPEEDUP = 30.0  # DeltaBox rollback vs copytree + replay
 
 SYMPY = "sympy==1.14.0"
 SYMPY_DEPS = ("mpmath==1.3.0",)
+BARE_FORK_PROBES = 30  # steps replayed on the floor after its run, each followed by a bare fork of the REPL
 POOL_FILES = 40  # files the trace may patch
 MAX_POOL_FILE = 40_000  # bytes: keep ast.parse cheap
 
@@ -92,6 +93,16 @@ def _bench_touch(k, files):
         exec(s[s.index("# bench-patch %d\\n" % k):], g)
         got.append(g["_bench_patch_%d" % k](1))
     return counter, got, sympy.Integer(k) ** 2 + sympy.Rational(1, 3)
+
+def _bench_fork():
+    import os, time
+    t = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    ms = (time.perf_counter() - t) * 1e3
+    os.waitpid(pid, 0)
+    print("FORK %.4f" % ms)
 '''
 
 
@@ -532,6 +543,7 @@ def search(cfg: Config, trace: Trace, base: dict[str, bytes], inference: float) 
     act_ms: list[float] = []
     act_parts: dict[str, list[float]] = {}
     failures: list[str] = []
+    bare_forks: list[float] = []
     verify_s = 0.0
     t0 = pc()
     for st in trace.steps:
@@ -559,10 +571,21 @@ def search(cfg: Config, trace: Trace, base: dict[str, bytes], inference: float) 
     if cfg.snapshots:
         failures += verify(cfg, trace, trace.expansions, base)
     verify_s += pc() - tv
+    if not cfg.snapshots:
+        # After the timed run (a fork write-protects the REPL's memory, which
+        # would slow the floor down): the REPL's own fork() where the others
+        # checkpoint, after the shell's and the REPL's commands of a step --
+        # the floor under any fork-based checkpoint of this REPL.
+        for st in trace.steps[:BARE_FORK_PROBES]:
+            ask(cfg.sh, st.shell_cmd(), "sh")
+            ask(cfg.py, st.repl_cmd(), "py")
+            m = re.search(r"FORK ([0-9.]+)", ask(cfg.py, "_bench_fork()", "py"))
+            if m:
+                bare_forks.append(float(m.group(1)))
     return {"e2e_s": e2e, "verify_s": verify_s, "final_wait_background_s": bg_s,
             "inference_s": inference * len(trace.steps), "action_ms": summary(act_ms),
             "action_parts_ms": {k: summary(v) for k, v in act_parts.items()},
-            "checkpoints": ck, "rollbacks": rb, "failures": failures,
+            "checkpoints": ck, "rollbacks": rb, "failures": failures, "repl_bare_fork_ms": bare_forks,
             "repl_rss_mb": rss_mb(cfg.py.pid if cfg.py else None)}
 
 
@@ -629,6 +652,8 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
             a[f"checkpoint_{k}"] = summary(col(r["checkpoints"], k))
         for k in rb_keys:
             a[f"rollback_{k}"] = summary(col(r["rollbacks"], k))
+        if r.get("repl_bare_fork_ms"):
+            a["repl_bare_fork_ms"] = summary(r["repl_bare_fork_ms"])
         paths = [p for x in r["rollbacks"] for p in x.get("paths", {}).values()]
         if paths:
             a["rollback_paths"] = {p: paths.count(p) for p in sorted(set(paths))}
@@ -710,6 +735,11 @@ def render(report: dict[str, Any]) -> str:
             rows.append([f"DeltaBox {what}", f"{v:.2f} ms", f"<= {limit:g} ms", verdict(ok)])
             if not ok:
                 misses.append(f"DeltaBox {what} {v:.2f} ms > {limit:g} ms")
+        bare = an.get("floor", {}).get("repl_bare_fork_ms", {}).get("p50")
+        if bare:
+            v = d["checkpoint_critical_ms"]["p50"]
+            rows.append(["  context: the REPL's own fork() p50 (floor run, same step)", f"{bare:.2f} ms",
+                         "-", f"checkpoint = {v / bare:.2f}x it"])
         ratio = d["e2e_ratio"]
         ok = (ratio <= E2E_RATIO) if (ratio and inf >= 1) else None
         rows.append(["DeltaBox end-to-end / floor", f"{ratio:.3f}x" if ratio else "-",
