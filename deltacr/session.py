@@ -49,6 +49,7 @@ class Checkpoint:
     background_ms: float = 0.0
     syscall_addr: int = 0  # a `syscall` instruction in this checkpoint's address space (its vDSO)
     xstate: bytes = b""  # x87/SSE/AVX registers (PTRACE_GETREGSET NT_X86_XSTATE)
+    depth: int = 0  # forks between the attached process and this checkpoint's template (its lineage)
 
     @property
     def registers(self) -> Regs:
@@ -85,6 +86,7 @@ class CheckpointInfo:
     delta_pages: int
     critical_ms: float
     background_ms: float
+    depth: int = 0  # forks behind its template: each costs its next fork (docs/deltacr.md, Limits)
 
 
 @dataclass

@@ -322,6 +322,7 @@ class ProcessCheckpointer:
         self.pool = TemplatePool(max_templates)
         self.rehydrate = rehydrate
         self.spares = spares
+        self._live_depth = 0  # forks between the attached process and the live one (Checkpoint.depth)
         self._spares: dict[int, _Spare] = {}  # checkpoint id -> a stopped child of its template, ready to run
         self._no_spare: set[int] = set()  # forking a spare failed there: do not retry in a loop
         self.live_pid: int | None = pid
@@ -680,7 +681,7 @@ class ProcessCheckpointer:
         fds: list[FdPos] = got["fds"]
         with self._lock:
             cid = self.session.new_id()
-        parent, created = self.current, time.time()
+        parent, created, depth = self.current, time.time(), self._live_depth + 1
 
         def finish() -> None:
             try:
@@ -690,7 +691,7 @@ class ProcessCheckpointer:
                 if not any("vector registers" in w for w in self.warnings):
                     self.warnings.append(f"pid {live}: the vector registers cannot be read ({e}); a slow-path "
                                          "restore of a process stopped mid-computation may go wrong")
-            self._record(cid, parent, created, label, regs, fds, xstate, tpl, dirty)
+            self._record(cid, parent, created, label, regs, fds, xstate, tpl, dirty, depth)
         if defer:
             self._unfinished.append(finish)
         else:
@@ -721,10 +722,10 @@ class ProcessCheckpointer:
             self._tracer.call(lambda: None)
 
     def _record(self, cid: int, parent: int | None, created: float, label: str, regs: _sys.Regs,
-                fds: list[FdPos], xstate: bytes, tpl: int, dirty: Any) -> None:
+                fds: list[FdPos], xstate: bytes, tpl: int, dirty: Any, depth: int) -> None:
         with self._lock:
             ck = Checkpoint(cid, parent, label, created, regs.to_bytes(), fds,
-                            syscall_addr=self._syscall_addr, xstate=xstate)
+                            syscall_addr=self._syscall_addr, xstate=xstate, depth=depth)
             self.session.checkpoints[cid] = ck
             self.pool.add(cid, tpl, root=parent is None)
             self._done[cid] = threading.Event()
@@ -885,7 +886,7 @@ class ProcessCheckpointer:
         new = 0
         spare = False
         ready: _Spare | None = None
-        replayed = delta_bytes = 0
+        replayed = delta_bytes = depth = 0
         base_id: int | None = None
         try:
             addr = ck.syscall_addr
@@ -897,6 +898,7 @@ class ProcessCheckpointer:
                 run = self._run_in(new, regs, addr)
                 warnings += self._set_fds(new, run, ck, slow=False)
                 path = "fast"
+                depth = ck.depth + 1
             else:
                 path = "slow"
                 chain = self.session.ancestors(cid)
@@ -928,6 +930,7 @@ class ProcessCheckpointer:
                         "one; keep more templates (--max-templates) to restore it")
                 addr = self.session.checkpoints[base_id].syscall_addr
                 new = inject.fork(base_pid, regs, addr)
+                depth = self.session.checkpoints[base_id].depth + 1
                 inject.set_options(new, LIVE_OPTIONS)
                 run = self._run_in(new, regs, addr)
                 stats = replay(new, run, deltas)
@@ -949,6 +952,7 @@ class ProcessCheckpointer:
                     with self._lock:
                         self.pool.add(cid, tnew)
                         self.pool.mark_durable(cid)
+                        self.session.checkpoints[cid].depth = depth + 1
             try:
                 if ready is not None and ready.armed is not None:
                     self.tracker.adopt(ready.armed)
@@ -981,6 +985,7 @@ class ProcessCheckpointer:
         with self._lock:
             self._syscall_addr = addr
             self._execs.clear()
+            self._live_depth = depth
             self.live_pid = new
             self.state = "running" if resume else "stopped"
             self._regs = regs
@@ -1191,7 +1196,8 @@ class ProcessCheckpointer:
         self._settle()
         with self._lock:
             return [CheckpointInfo(c.id, c.parent, c.label, c.created, c.id in self.pool, c.id == self.current,
-                                   c.delta_state, c.delta_bytes, c.delta_pages, c.critical_ms, c.background_ms)
+                                   c.delta_state, c.delta_bytes, c.delta_pages, c.critical_ms, c.background_ms,
+                                   c.depth)
                     for c in sorted(self.session.checkpoints.values(), key=lambda c: c.id)]
 
     def status(self) -> dict[str, Any]:

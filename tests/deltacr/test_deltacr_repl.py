@@ -245,6 +245,32 @@ def test_tree_of_checkpoints_rollback_to_any_node(lab: Lab, store: str) -> None:
     assert sum(1 for p in tree.values() if p is None) == 1
 
 
+def test_list_reports_the_forks_behind_each_template(lab: Lab, store: str) -> None:
+    """Every fork in a template's ancestry makes forks from it dearer (the
+    kernel links each mapping to every ancestor's anon_vma): ``depth`` shows
+    it. A fast-path rollback adds one fork (the restored process), a
+    checkpoint one more; the slow path counts from the template it forked."""
+    r = lab.repl("x = 0")
+    cp = lab.checkpointer(r.pid, store)
+    depth = lambda: {c.id: c.depth for c in cp.list()}  # noqa: E731
+    c1 = cp.checkpoint().id
+    r.run("x = 1")
+    c2 = cp.checkpoint().id
+    assert depth() == {c1: 1, c2: 1}  # both forked from the attached process
+    cp.rollback(c2)
+    r.run("x = 2")
+    c3 = cp.checkpoint().id
+    cp.rollback(c3)
+    c4 = cp.checkpoint().id
+    assert depth()[c3] == 3 and depth()[c4] == 5
+    cp.wait_background()
+    assert cp.evict(c3) and cp.evict(c4)
+    res = cp.rollback(c4)  # slow: forked from c2's template (depth 1), c4's template re-made from it
+    assert res.path == "slow" and res.base == c2 and r.eval("x") == 2
+    c5 = cp.checkpoint().id
+    assert depth()[c4] == 3 and depth()[c5] == 3
+
+
 def test_rollback_revives_an_exited_process(lab: Lab, store: str) -> None:
     r = lab.repl("x = 'alive'")
     cp = lab.checkpointer(r.pid, store)
