@@ -42,14 +42,18 @@ skips nor repeats an entry. With a stock pyfuse3, or ``DELTAFS_HANDLES=1``,
 the daemon keeps file and directory handles instead.
 
 Durability: every operation is one LMDB transaction that reaches the OS at
-once, so ``kill -9`` of the daemon loses nothing that was written; the
-blobs and the index are flushed to disk when a checkpoint is taken, before
-its id is returned, with one journal commit on ext4/XFS
-(``deltafs.durability``). ``checkpoint(durable=False)`` returns after the
-freeze and leaves that flush to a background task (``sync()`` waits for
-it): a caller that cannot afford the disk on its critical path (the
-sandbox) still gets a checkpoint that survives a crash of the daemon, and
-one that survives a power cut a few milliseconds later. Caveats: writes through a writable
+once, so ``kill -9`` of the daemon loses nothing that was written. A
+checkpoint returns once its layer is frozen and committed -- it survives a
+crash of the daemon, the crash this project promises to survive -- and a
+background task flushes the blobs and the index to disk with one journal
+commit on ext4/XFS (``deltafs.durability``) a few milliseconds later, so
+it survives a power cut too; ``sync()`` waits for that, and
+``checkpoint(durable=True)`` (``deltafs checkpoint --durable``) returns only
+once it is done. A mount after a crash that left a flush pending flushes
+the store's filesystem first. (Decision: until 2026-11-26 the disk flush
+was on the checkpoint's path by default, 0.5-10 ms of it; the sandbox never
+waited for it, and neither did the crash model of issue 2, which is kill -9
+of the daemon.) Caveats: writes through a writable
 ``mmap`` are not tracked specially (they reach us via the kernel like any
 write), base xattrs are not imported, and the base must not change while a
 store uses it.

@@ -13,7 +13,7 @@ from .errors import DeltaFSError
 
 USAGE = """\
 deltafs MOUNTPOINT [--base DIR] [--store DIR] [--foreground] [-o OPTIONS]
-deltafs checkpoint MOUNTPOINT [--label TEXT]
+deltafs checkpoint MOUNTPOINT [--label TEXT] [--durable]
 deltafs rollback MOUNTPOINT ID
 deltafs list MOUNTPOINT [--json]
 deltafs diff MOUNTPOINT A [B]
@@ -48,6 +48,8 @@ def _command(argv: list[str]) -> int:
     c = sub.add_parser("checkpoint")
     c.add_argument("mountpoint")
     c.add_argument("--label", default="")
+    c.add_argument("--durable", action="store_true",
+                   help="return once the checkpoint is on disk (survives a power cut), not only committed")
     r = sub.add_parser("rollback")
     r.add_argument("mountpoint")
     r.add_argument("id", type=int)
@@ -66,7 +68,7 @@ def _command(argv: list[str]) -> int:
     a = p.parse_args(argv)
     with Mount(a.mountpoint) as m:
         if a.cmd == "checkpoint":
-            print(m.checkpoint(a.label))
+            print(m.checkpoint(a.label, durable=a.durable))
         elif a.cmd == "rollback":
             m.rollback(a.id)
         elif a.cmd == "list":

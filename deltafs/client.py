@@ -130,20 +130,21 @@ class Mount:
             raise cls(res["error"])
         return res["result"]
 
-    def checkpoint(self, label: str = "", durable: bool = True) -> int:
-        """Freeze the current files as a new checkpoint; returns its id once
-        it is durable. With ``durable=False`` it returns as soon as the layer
-        is frozen and committed (it survives a crash of the daemon) and is
-        flushed to disk in the background; ``sync()`` waits for that."""
+    def checkpoint(self, label: str = "", durable: bool = False) -> int:
+        """Freeze the current files as a new checkpoint; returns its id as
+        soon as the layer is frozen and committed: it survives a crash of the
+        daemon (kill -9), and reaches the disk in the background a few
+        milliseconds later (``sync()`` waits for that). ``durable=True``
+        returns only once it is on disk (it survives a power cut)."""
         return int(self.checkpoint_timed(label, durable)["id"])
 
-    def checkpoint_timed(self, label: str = "", durable: bool = True) -> dict[str, Any]:
+    def checkpoint_timed(self, label: str = "", durable: bool = False) -> dict[str, Any]:
         """``checkpoint`` with the daemon's timings: ``id``, ``ms`` (all of
         it), ``freeze_ms`` (the layer switch), ``sync_ms`` (making it durable)."""
         return dict(self._call("checkpoint", label=label, durable=durable))
 
     def sync(self) -> float:
-        """Wait until every checkpoint is on disk (see ``checkpoint(durable=False)``);
+        """Wait until every checkpoint is on disk (see ``checkpoint()``);
         returns the milliseconds waited."""
         return float(self._call("sync")["ms"])
 

@@ -230,7 +230,7 @@ def test_background_flush_then_sync_and_a_durable_checkpoint(env: Env) -> None:
         ids.append(m.checkpoint(f"lazy {i}", durable=False))
     assert m.sync() >= 0.0
     (mnt / "last").write_text("durable")
-    c = m.checkpoint("durable")
+    c = m.checkpoint("durable", durable=True)
     assert {x.id for x in m.list()} >= set(ids) | {c}
     m.rollback(ids[4])
     assert sorted(p.name for p in mnt.iterdir() if p.name.startswith("f")) == sorted(f"f{i}" for i in range(5))

@@ -26,6 +26,8 @@ def test_checkpoint_and_rollback_through_the_cli(env: Env) -> None:
     assert r.returncode == 0 and '"label": "cli"' in r.stdout
     r = deltafs_cli("diff", str(env.mnt), "1", cid)
     assert r.returncode == 0 and "A /f" in r.stdout.splitlines()
+    r = deltafs_cli("checkpoint", str(env.mnt), "--durable")  # returns once on disk
+    assert r.returncode == 0 and int(r.stdout) > int(cid), r.stderr
 
 
 def test_unknown_checkpoint_id(env: Env) -> None:
