@@ -75,6 +75,7 @@ SPEEDUP = 30.0  # DeltaBox rollback vs copytree + replay
 
 SYMPY = "sympy==1.14.0"
 SYMPY_DEPS = ("mpmath==1.3.0",)
+MAX_TEMPLATES = 128  # the Sandbox's default; a run with another value is named -mtN
 BARE_FORK_PROBES = 30  # steps replayed on the floor after its run, each followed by a bare fork of the REPL
 POOL_FILES = 40  # files the trace may patch
 MAX_POOL_FILE = 40_000  # bytes: keep ast.parse cheap
@@ -847,7 +848,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--expansions", type=int, default=None, help="expansions per trajectory (100)")
     ap.add_argument("--inference", type=float, default=None, help="simulated inference s (0)")
     ap.add_argument("--seed", type=int, default=4)
-    ap.add_argument("--max-templates", type=int, default=128, help="DeltaBox Sandbox max_templates (128, its default)")
+    ap.add_argument("--max-templates", type=int, default=MAX_TEMPLATES,
+                    help=f"DeltaBox Sandbox max_templates ({MAX_TEMPLATES}, its default)")
     ap.add_argument("--configs", default=",".join(ORDER), help=f"subset of {','.join(ORDER)}")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -861,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
     run_key = "quick" if a.quick else f"inf{inference:g}"
     if a.expansions and not a.quick:
         run_key += f"-n{expansions}"
-    if a.max_templates != 16:
+    if a.max_templates != MAX_TEMPLATES:
         run_key += f"-mt{a.max_templates}"
     if set(configs) != set(ORDER):
         run_key += "-" + "+".join(c for c in ORDER if c in configs)

@@ -91,12 +91,14 @@ def _run(a: argparse.Namespace) -> int:
         if a.json:
             print(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
         else:
-            print(f"{'id':>4} {'parent':>6}  {'':1} {'template':8} {'delta':>10} {'crit ms':>8}  {'created':19}  label")
+            print(f"{'id':>4} {'parent':>6}  {'':1} {'template':8} {'depth':>5} {'delta':>10} {'crit ms':>8}  "
+                  f"{'created':19}  label")
             for r in rows:
                 created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created))
                 delta = f"{r.delta_bytes}" if r.delta_state == "written" else r.delta_state
                 print(f"{r.id:>4} {r.parent or '-':>6}  {'*' if r.current else ' '} "
-                      f"{'yes' if r.template else 'no':8} {delta:>10} {r.critical_ms:8.2f}  {created}  {r.label}")
+                      f"{'yes' if r.template else 'no':8} {r.depth:>5} {delta:>10} {r.critical_ms:8.2f}  "
+                      f"{created}  {r.label}")
     elif a.cmd == "status":
         st = cl.status()
         if a.json:

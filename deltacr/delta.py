@@ -39,11 +39,12 @@ count by the file's size before trusting it.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 from .errors import DeltaFormatError
 
@@ -61,8 +62,10 @@ _TRAILER = struct.Struct("<8sII")
 assert _HEADER.size == 64 and _TRAILER.size == 16
 
 
-@dataclass(frozen=True)
-class MapRecord:
+# Named tuples, not frozen dataclasses, for the two records a delta holds
+# thousands of: a slow-path restore parses every delta on its path, and
+# building a frozen dataclass costs several times more.
+class MapRecord(NamedTuple):
     start: int
     end: int
     offset: int
@@ -75,8 +78,7 @@ class MapRecord:
         return self.path in ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
 
 
-@dataclass(frozen=True)
-class Run:
+class Run(NamedTuple):
     addr: int
     npages: int
     kind: int
@@ -197,60 +199,66 @@ def read_delta(path: str, *, verify: bool = True) -> DeltaInfo:
         size = os.fstat(f.fileno()).st_size
         if size < _HEADER.size + _TRAILER.size:
             raise DeltaFormatError(f"{path}: {size} bytes is too short for a delta file (truncated?)")
-        header = f.read(_HEADER.size)
-        (magic, version, flags, page_size, ck, parent, brk, nmaps, nruns, data_bytes,
-         _r) = _HEADER.unpack(header)
-        if magic != MAGIC:
-            raise DeltaFormatError(f"{path}: not a deltacr delta file (bad magic {magic!r})")
-        if version != FORMAT_VERSION:
-            raise DeltaFormatError(f"{path}: format version {version}, this deltacr reads {FORMAT_VERSION}")
-        f.seek(size - _TRAILER.size)
-        tmagic, hcrc, bcrc = _TRAILER.unpack(f.read(_TRAILER.size))
-        if tmagic != TRAILER_MAGIC:
-            raise DeltaFormatError(f"{path}: trailer missing: the file is truncated or was not finished")
-        if zlib.crc32(header) != hcrc:
-            raise DeltaFormatError(f"{path}: header checksum mismatch: the file is corrupt")
-        body_end = size - _TRAILER.size
-        if nmaps > size // _VMA.size or nruns > size // _RUN.size or page_size not in (4096, 16384, 65536):
-            raise DeltaFormatError(f"{path}: counts in the header exceed the file size: corrupt")
-        info = DeltaInfo(version, flags, page_size, ck, parent, brk, data_bytes, file_size=size)
-        f.seek(_HEADER.size)
-        crc = 0
-        for _ in range(nmaps):
-            raw = f.read(_VMA.size)
-            start, end, off, prot, mflags, plen, _x = _VMA.unpack(raw)
-            if plen > 4096:
-                raise DeltaFormatError(f"{path}: mapping path of {plen} bytes: corrupt")
-            p = f.read(plen)
-            crc = zlib.crc32(p, zlib.crc32(raw, crc))
-            info.maps.append(MapRecord(start, end, off, prot, bool(mflags & 1), p.decode("utf-8", "surrogateescape")))
-        for _ in range(nruns):
-            raw = f.read(_RUN.size)
-            if len(raw) < _RUN.size:
-                raise DeltaFormatError(f"{path}: run table truncated")
-            addr, npages, kind, rcrc = _RUN.unpack(raw)
-            crc = zlib.crc32(raw, crc)
-            pos = f.tell()
-            run = Run(addr, npages, kind, rcrc, pos)
-            if kind == KIND_DATA:
-                n = npages * page_size
-                if pos + n > body_end:
-                    raise DeltaFormatError(f"{path}: run at {addr:#x} runs past the end of the file")
-                if verify:
-                    left = n
-                    while left:
-                        chunk = f.read(min(left, 1 << 24))
-                        crc = zlib.crc32(chunk, crc)
-                        left -= len(chunk)
-                else:
-                    f.seek(pos + n)
-            elif kind != KIND_ZERO:
-                raise DeltaFormatError(f"{path}: unknown run kind {kind}")
-            info.runs.append(run)
-        if f.tell() != body_end:
-            raise DeltaFormatError(f"{path}: {body_end - f.tell()} unexpected bytes before the trailer")
-        if verify and crc != bcrc:
-            raise DeltaFormatError(f"{path}: body checksum mismatch: the file is corrupt")
+        # Mapped, not read: the run headers sit between the runs' data, and a
+        # slow-path restore parses many deltas without reading their data
+        # (a buffered file re-read from the kernel after each seek past a run).
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm, memoryview(mm) as mv:
+            return _parse(path, mv, size, verify)
+
+
+def _parse(path: str, mv: memoryview, size: int, verify: bool) -> DeltaInfo:
+    header = bytes(mv[:_HEADER.size])  # copies: no view may outlive the mapping (a raise keeps locals)
+    (magic, version, flags, page_size, ck, parent, brk, nmaps, nruns, data_bytes,
+     _r) = _HEADER.unpack(header)
+    if magic != MAGIC:
+        raise DeltaFormatError(f"{path}: not a deltacr delta file (bad magic {magic!r})")
+    if version != FORMAT_VERSION:
+        raise DeltaFormatError(f"{path}: format version {version}, this deltacr reads {FORMAT_VERSION}")
+    tmagic, hcrc, bcrc = _TRAILER.unpack(mv[size - _TRAILER.size:])
+    if tmagic != TRAILER_MAGIC:
+        raise DeltaFormatError(f"{path}: trailer missing: the file is truncated or was not finished")
+    if zlib.crc32(header) != hcrc:
+        raise DeltaFormatError(f"{path}: header checksum mismatch: the file is corrupt")
+    body_end = size - _TRAILER.size
+    if nmaps > size // _VMA.size or nruns > size // _RUN.size or page_size not in (4096, 16384, 65536):
+        raise DeltaFormatError(f"{path}: counts in the header exceed the file size: corrupt")
+    info = DeltaInfo(version, flags, page_size, ck, parent, brk, data_bytes, file_size=size)
+    pos = _HEADER.size
+    crc = 0
+    vma_unpack, run_unpack, vsize, rsize = _VMA.unpack_from, _RUN.unpack_from, _VMA.size, _RUN.size
+    maps, runs = info.maps, info.runs
+    for _ in range(nmaps):
+        if pos + vsize > body_end:
+            raise DeltaFormatError(f"{path}: mapping table truncated")
+        start, end, off, prot, mflags, plen, _x = vma_unpack(mv, pos)
+        if plen > 4096 or pos + vsize + plen > body_end:
+            raise DeltaFormatError(f"{path}: mapping path of {plen} bytes: corrupt")
+        p = bytes(mv[pos + vsize:pos + vsize + plen])  # a copy: no view may outlive the mapping
+        if verify:
+            crc = zlib.crc32(mv[pos:pos + vsize + plen], crc)
+        maps.append(MapRecord(start, end, off, prot, bool(mflags & 1), p.decode("utf-8", "surrogateescape")))
+        pos += vsize + plen
+    for _ in range(nruns):
+        if pos + rsize > body_end:
+            raise DeltaFormatError(f"{path}: run table truncated")
+        addr, npages, kind, rcrc = run_unpack(mv, pos)
+        if verify:
+            crc = zlib.crc32(mv[pos:pos + rsize], crc)
+        pos += rsize
+        runs.append(Run(addr, npages, kind, rcrc, pos))
+        if kind == KIND_DATA:
+            n = npages * page_size
+            if pos + n > body_end:
+                raise DeltaFormatError(f"{path}: run at {addr:#x} runs past the end of the file")
+            if verify:
+                crc = zlib.crc32(mv[pos:pos + n], crc)
+            pos += n
+        elif kind != KIND_ZERO:
+            raise DeltaFormatError(f"{path}: unknown run kind {kind}")
+    if pos != body_end:
+        raise DeltaFormatError(f"{path}: {body_end - pos} unexpected bytes before the trailer")
+    if verify and crc != bcrc:
+        raise DeltaFormatError(f"{path}: body checksum mismatch: the file is corrupt")
     return info
 
 

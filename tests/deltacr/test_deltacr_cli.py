@@ -47,10 +47,11 @@ def test_cli_session_survives_rollbacks(lab: Lab, cli_env: dict[str, str]) -> No
     rows = json.loads(deltacr(cli_env, "list", pid, "--json").stdout)
     assert [(row["id"], row["parent"], row["label"]) for row in rows] == [(1, None, "one"), (2, 1, "two")]
     assert [row["current"] for row in rows] == [False, True]
+    assert [row["depth"] for row in rows] == [1, 1]  # both forked from the attached process
     st = json.loads(deltacr(cli_env, "status", pid, "--json").stdout)
     assert st["pid"] == r.pid and st["live_pid"] == live2 and st["state"] == "running"
     table = deltacr(cli_env, "list", pid).stdout
-    assert "one" in table and "two" in table
+    assert "one" in table and "two" in table and "depth" in table.splitlines()[0]
     # inspect reads the delta the daemon wrote
     deltacr(cli_env, "status", pid)
     store = st["store"]

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from deltacr import ProcessCheckpointer, available_backends
+from deltacr import DeltaCRError, ProcessCheckpointer, available_backends
 from deltacr.delta import read_delta
 from deltacr.procfs import read_stat
 
@@ -125,6 +125,29 @@ def test_slow_path_memory_unmapped_then_mapped_again_comes_back_zero(lab: Lab, s
     res = cp.rollback(c4)
     assert res.path == "slow" and res.base == 1
     assert r.eval("ctypes.string_at(B, N) == bytes(N)"), "stale pages of an unmapped region came back"
+
+
+def test_a_corrupt_delta_fails_the_slow_path_and_changes_nothing(lab: Lab, store: str) -> None:
+    r = lab.repl("big = bytearray(1 << 20)")
+    cp = lab.checkpointer(r.pid, store)
+    cp.checkpoint("root")
+    r.run("big[:] = b'A' * len(big); x = 'saved'")
+    c2 = cp.checkpoint("written").id
+    r.run("x = 'live'")
+    cp.wait_background()
+    assert cp.evict(c2)
+    path = os.path.join(store, "deltas", f"{c2}.delta")
+    run = next(u for u in read_delta(path).runs if u.kind == 0 and u.npages)
+    with open(path, "r+b") as f:  # one flipped byte inside a page of data
+        f.seek(run.data_offset + 100)
+        b = f.read(1)
+        f.seek(run.data_offset + 100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    pid = cp.live_pid
+    with pytest.raises(DeltaCRError, match="checksum mismatch"):
+        cp.rollback(c2)
+    assert cp.live_pid == pid and r.eval("x") == "live"  # the process as it was, and it runs
+    assert cp.rollback(1).path == "fast" and r.eval("'x' in dir()") is False
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
