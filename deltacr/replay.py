@@ -26,6 +26,7 @@ import bisect
 import mmap
 import os
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import _sys
@@ -35,6 +36,7 @@ from .procfs import Vma, read_maps, start_brk
 from .dirty import RunSyscall
 
 Interval = tuple[int, int]
+BIG_RUN = 1 << 20  # bytes: a run this long has its checksum taken while it is written
 
 
 def subtract(a: list[Interval], b: list[Interval]) -> list[Interval]:
@@ -230,6 +232,7 @@ def apply_planned(pid: int, run: RunSyscall | None, tasks: list[_Task], fresh: l
     zeros = memoryview(bytes(chunk))
     fresh = merge(fresh)
     files: dict[str, tuple[mmap.mmap, memoryview]] = {}
+    pool = ThreadPoolExecutor(1, thread_name_prefix="deltacr-replay-crc")
     mem = os.open(f"/proc/{pid}/mem", os.O_RDWR)
     try:
         for t in tasks:
@@ -252,23 +255,37 @@ def apply_planned(pid: int, run: RunSyscall | None, tasks: list[_Task], fresh: l
             if t.run.data_offset + n > len(view):
                 raise DeltaFormatError(f"{t.path}: short read in run at {t.run.addr:#x}")
             data = view[t.run.data_offset:t.run.data_offset + n]
+            crc: Future[int] | None = None
             try:
-                if zlib.crc32(data) != t.run.crc:
-                    raise DeltaFormatError(
-                        f"{t.path}: checksum mismatch in run at {t.run.addr:#x}: the file is corrupt")
+                # a long run's checksum on another thread while its pages are
+                # written (both release the GIL); a bad one fails the restore
+                # all the same, and the half-written process is thrown away
+                if n >= BIG_RUN:
+                    crc = pool.submit(zlib.crc32, data)
+                elif zlib.crc32(data) != t.run.crc:
+                    raise _corrupt(t)
                 for a, b in t.needed:
                     _pwrite_all(mem, data[a - t.run.addr:b - t.run.addr], a, pid)
                     stats.bytes_written += b - a
+                if crc is not None and crc.result() != t.run.crc:
+                    raise _corrupt(t)
             finally:
+                if crc is not None:
+                    crc.result()  # the view stays valid until the other thread is done with it
                 data.release()
     finally:
         os.close(mem)
+        pool.shutdown()
         for mm, view in files.values():
             view.release()
             try:
                 mm.close()
             except BufferError:  # a slice still held by an error's traceback: closed when freed
                 pass
+
+
+def _corrupt(t: _Task) -> DeltaFormatError:
+    return DeltaFormatError(f"{t.path}: checksum mismatch in run at {t.run.addr:#x}: the file is corrupt")
 
 
 def _pwrite_all(fd: int, data: memoryview, addr: int, pid: int) -> None:
