@@ -69,8 +69,9 @@ class PendingFlag:
     """One byte in ``STORE/flush.pending``: ``1`` while checkpoints are
     committed but not yet on disk. Set and cleared with ``pwrite`` on a
     descriptor kept open, because creating and deleting a marker file costs
-    0.3-1 ms here, on the path of every ``checkpoint(durable=False)``. A crash
-    of the daemon keeps the byte (the kernel has it): the next mount sees it
+    0.3-1 ms here, on the path of every checkpoint that does not wait for the
+    disk (the default). A crash of the daemon keeps the byte (the kernel has
+    it): the next mount sees it
     and flushes the store's filesystem. A missing or empty file (a store
     written by an older daemon that used the file's existence) reads as set."""
 

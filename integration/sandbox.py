@@ -7,7 +7,7 @@ filesystem layer is frozen (every write a stopped process issued has been
 answered by the FUSE daemon, so it is in the layer); then they resume
 (a :class:`deltacr.Gate` holds them). Off the critical path, in the
 background: DeltaCR writes the memory deltas and DeltaFS flushes the frozen
-layer to disk (``checkpoint(durable=False)``: committed, so it survives a
+layer to disk (a DeltaFS checkpoint returns once committed, so it survives a
 crash of the DeltaFS daemon at once, and on disk a few ms later;
 ``wait_background()`` waits for both).
 
