@@ -481,7 +481,7 @@ class DeltaBoxConfig(Config):
         self.states[node] = r.id
         # every timing the report carries (its fields have changed while this was written)
         got = {k: float(v) for k, v in vars(r).items() if k.endswith("_ms")}
-        return {"ms": ms, **got}
+        return {"ms": ms, **got, "depth": int(getattr(r, "depth", 0))}
 
     def rollback(self, node: int, replay: list[Step]) -> dict[str, Any]:
         t0 = pc()
@@ -655,6 +655,15 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
             a[f"rollback_{k}"] = summary(col(r["rollbacks"], k))
         if r.get("repl_bare_fork_ms"):
             a["repl_bare_fork_ms"] = summary(r["repl_bare_fork_ms"])
+        by_depth: dict[str, list[dict[str, Any]]] = {}
+        for x in r["checkpoints"]:
+            if x.get("depth"):
+                lo = (x["depth"] - 1) // 4 * 4 + 1
+                by_depth.setdefault(f"{lo}-{lo + 3}", []).append(x)
+        if by_depth:
+            a["fork_by_depth"] = {k: {"n": len(v), "fork_p50": summary(col(v, "fork_ms")).get("p50"),
+                                      "critical_p50": summary(col(v, "critical_ms")).get("p50")}
+                                  for k, v in sorted(by_depth.items(), key=lambda kv: int(kv[0].split("-")[0]))}
         paths = [p for x in r["rollbacks"] for p in x.get("paths", {}).values()]
         if paths:
             a["rollback_paths"] = {p: paths.count(p) for p in sorted(set(paths))}
@@ -697,6 +706,12 @@ def render(report: dict[str, Any]) -> str:
             s = d.get(key, {})
             rows.append([label, s.get("mean"), s.get("p50"), s.get("p99"), s.get("max")])
         out.append(table("DeltaBox breakdown (ms)", ["", "mean", "p50", "p99", "max"], rows))
+        chain = d.get("fork_by_depth")
+        if chain:
+            out.append(table("DeltaBox template fork by fork-chain depth (the deepest template of each "
+                             "checkpoint; deltacr Checkpoint.depth)",
+                             ["depth", "checkpoints", "fork_ms p50", "critical_ms p50"],
+                             [[k, v["n"], v["fork_p50"], v["critical_p50"]] for k, v in chain.items()]))
         out.append(f"DeltaBox process restore paths over all rollbacks (bash + python): "
                    f"{d.get('rollback_paths')}; max_templates {cfg['max_templates']}; REPL RSS "
                    f"{report['results']['deltabox'].get('repl_rss_mb') or 0:.0f} MB; final "

@@ -341,6 +341,7 @@ class ProcessCheckpointer:
         self._unfinished: list[Callable[[], None]] = []  # captures to record once the process runs
         self.last_capture_ms = 0.0  # the last capture's time (fork and all): callers start the slowest first
         self.last_fork_ms = 0.0  # of which the injected fork() (the kernel copying page tables)
+        self.last_depth = 0  # and the fork chain behind the template it made (Checkpoint.depth)
         self._lock = threading.RLock()
         self._layouts: dict[int, list[MapRecord]] = {}
         self._hashes: dict[int, dict[int, bytes]] = {}
@@ -682,6 +683,7 @@ class ProcessCheckpointer:
         with self._lock:
             cid = self.session.new_id()
         parent, created, depth = self.current, time.time(), self._live_depth + 1
+        self.last_depth = depth
 
         def finish() -> None:
             try:

@@ -71,6 +71,7 @@ class CheckpointReport:
     # the longest template fork (the kernel copying a process's page tables,
     # about 3 ms for a 55 MB REPL here): the floor under critical_ms
     fork_ms: float = 0.0
+    depth: int = 0  # the longest fork chain behind a template taken (forks cost more the longer it is)
 
 
 @dataclass
@@ -258,10 +259,12 @@ class Sandbox:
         caps: dict[str, int] = {}
         errors: list[BaseException] = []
         fork_ms = 0.0
+        depth = 0
         for p, fut in taking:
             try:
                 caps[p.name] = fut.result()
                 fork_ms = max(fork_ms, p._cr.last_fork_ms)
+                depth = max(depth, p._cr.last_depth)
             except Exception as e:  # noqa: BLE001 - the first one is raised below
                 errors.append(e)
         t_res = time.perf_counter()
@@ -273,7 +276,7 @@ class Sandbox:
         self._states[sid] = StateInfo(sid, self.current, label, time.time(), False, fs_id, caps, crit)
         self.current = sid
         return CheckpointReport(sid, crit, (t_stop - t0) * 1e3, (t_fs - t_stop) * 1e3,
-                                (t_res - t_fs) * 1e3, fork_ms)
+                                (t_res - t_fs) * 1e3, fork_ms, depth)
 
     def rollback(self, state: int) -> RollbackReport:
         """Files and processes exactly as they were in ``state``."""
