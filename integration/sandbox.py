@@ -36,10 +36,9 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO
 
 import deltacr
 import deltafs
