@@ -116,7 +116,7 @@ class Filesystem:
             nbytes = view.unsynced_bytes
             cid, unsynced = view.checkpoint(str(req.get("label") or ""))
             t1 = time.perf_counter()
-            if req.get("durable", True):
+            if req.get("durable", False):  # as the client: committed is the default
                 if self._lazy_pending or self._flushing:
                     # this checkpoint shares blobs with the pending ones: all go together
                     self._queue_flush(unsynced)
