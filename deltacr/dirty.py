@@ -371,23 +371,12 @@ class UffdWpTracker:
             if pagemap >= 0:
                 os.close(pagemap)
 
-    def _register(self, start: int, end: int) -> bool:
-        assert self.uffd is not None
-        return _register(self.uffd, start, end, self.untrackable)
-
-    def _scan_written(self, start: int = 0, end: int = 0) -> list[tuple[int, int]]:
-        assert self.pagemap is not None
-        return _scan_written(self.pagemap, start, end)
-
-    def _scan_unregistered(self) -> list[tuple[int, int]]:
-        assert self.pagemap is not None
-        return _scan_unregistered(self.pagemap)
-
     def collect(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> DirtySet:
         if self.uffd is None:
             return DirtySet(ranges=None)
-        out = self._scan_written() + self.untrackable
-        unreg = self._scan_unregistered()
+        assert self.pagemap is not None
+        out = _scan_written(self.pagemap) + self.untrackable
+        unreg = _scan_unregistered(self.pagemap)
         if unreg != self._unregistered:
             # Something appeared that is not registered: register the private
             # writable mappings among it; they count wholly dirty once.
@@ -398,9 +387,9 @@ class UffdWpTracker:
                 if (s, e) in known or not intersect([(s, e)], unreg):
                     continue
                 out.append((s, e))
-                if self._register(s, e):
-                    self._scan_written(s, e)
-            self._unregistered = self._scan_unregistered()
+                if _register(self.uffd, s, e, self.untrackable):
+                    _scan_written(self.pagemap, s, e)
+            self._unregistered = _scan_unregistered(self.pagemap)
         return DirtySet(out)
 
     def teardown(self, pid: int | None, run: RunSyscall | None) -> None:
@@ -420,9 +409,6 @@ class _Armed:
     unregistered: list[tuple[int, int]]
 
 
-_TOP = UffdWpTracker.TOP
-
-
 def _register(uffd: int, start: int, end: int, untrackable: list[tuple[int, int]]) -> bool:
     try:
         _sys.uffdio_register_wp(uffd, start, end - start)
@@ -434,13 +420,13 @@ def _register(uffd: int, start: int, end: int, untrackable: list[tuple[int, int]
 
 def _scan_written(pagemap: int, start: int = 0, end: int = 0) -> list[tuple[int, int]]:
     return [(s, e) for s, e, _ in _sys.pagemap_scan(
-        pagemap, start, end or _TOP, flags=_sys.PM_SCAN_WP_MATCHING,
+        pagemap, start, end or UffdWpTracker.TOP, flags=_sys.PM_SCAN_WP_MATCHING,
         category_mask=_sys.PAGE_IS_WRITTEN, return_mask=_sys.PAGE_IS_WRITTEN)]
 
 
 def _scan_unregistered(pagemap: int) -> list[tuple[int, int]]:
     return [(s, e) for s, e, _ in _sys.pagemap_scan(
-        pagemap, 0, _TOP, flags=0, category_mask=_sys.PAGE_IS_WPALLOWED,
+        pagemap, 0, UffdWpTracker.TOP, flags=0, category_mask=_sys.PAGE_IS_WPALLOWED,
         inverted=_sys.PAGE_IS_WPALLOWED, return_mask=_sys.PAGE_IS_WPALLOWED)]
 
 

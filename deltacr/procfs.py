@@ -114,6 +114,16 @@ def signal_mask(pid: int) -> int:
     return int(read_status(pid)["SigBlk"], 16)
 
 
+def signal_pending(pid: int) -> bool:
+    """Is a signal pending for pid, its own or its thread group's? True too
+    when that cannot be read (the caller then treats pid as unusable)."""
+    try:
+        st = read_status(pid)
+        return any(int(st.get(k, "1"), 16) for k in ("SigPnd", "ShdPnd"))
+    except (NoSuchProcess, OSError, ValueError):
+        return True
+
+
 def read_maps(pid: int) -> list[Vma]:
     try:
         with open(f"/proc/{pid}/maps", "rb") as f:

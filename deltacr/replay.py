@@ -14,7 +14,8 @@ For each delta on the path from the ancestor to the target, in order:
 5. write the recorded pages through ``/proc/PID/mem`` (zero runs inside a
    mapping created in step 3 are skipped: they are already zero). Pages are
    written once, from the newest delta that has them (see :func:`plan`),
-   straight from the mapped delta files, each run's checksum checked first.
+   straight from the mapped delta files, each run's checksum checked (a
+   long run's on a second thread while it is written).
    A delta whose layout equals the one before it is not reconciled again.
 
 All syscalls are injected by the caller-supplied ``run`` on the tracer thread.

@@ -86,6 +86,20 @@ def restore_fds(pid: int, run: RunSyscall, fds: list[FdPos], whole_table: bool, 
 SIG_SETMASK = 2
 
 
+def revalidate_files(pid: int, fds: list[FdPos]) -> None:
+    """stat() every regular file the restored process has open, before it
+    runs: after the caller switched its files (a DeltaFS rollback), the
+    kernel may still hold a file's size from the discarded state, and an
+    O_APPEND write would land there; a stat makes it fetch the attributes
+    again (one request per file on FUSE, nothing elsewhere)."""
+    for f in fds:
+        if f.regular:
+            try:
+                os.stat(f"/proc/{pid}/fd/{f.fd}")
+            except OSError:
+                pass
+
+
 def restore_cwd_and_mask(pid: int, run: RunSyscall, cwd: str, sigmask: int) -> list[str]:
     """Injected chdir(cwd) and rt_sigprocmask(SIG_SETMASK, sigmask)."""
     warnings: list[str] = []

@@ -38,9 +38,9 @@ from .dirty import DirtyTracker, copy_pages, make_tracker, pfn_changed
 from .errors import (AlreadyTraced, DeltaCRError, InjectionFailed, MultiThreaded, NoSuchProcess,
                      NotAttached, NotPermitted, ProcessGone, ProcessIsZombie, RestoreFailed)
 from .procfs import (PF_KTHREAD, FdPos, Vma, descendants, read_fd_positions, read_maps, read_stat, read_status,
-                     thread_count, zombie_children)
+                     signal_pending, thread_count, zombie_children)
 from .replay import ReplayStats, merge, reconcile, replay
-from .restore import restore_cwd_and_mask, restore_fds
+from .restore import restore_cwd_and_mask, restore_fds, revalidate_files
 from .session import Checkpoint, CheckpointInfo, Session, default_store
 from .templates import TemplatePool
 from .writer import DeltaJob, write_delta
@@ -110,34 +110,6 @@ def refuse_untraceable(pid: int) -> None:
         raise MultiThreaded(
             f"pid {pid} has {n} threads: fork() copies only the calling thread, so a template "
             f"would silently lose the other {n - 1}; deltacr checkpoints single-threaded processes only")
-
-
-def _signal_pending(pid: int) -> bool:
-    """Does pid have a signal pending (SigPnd or ShdPnd of /proc/PID/status)?"""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            status = f.read()
-    except OSError:
-        return True
-    for key in (b"\nSigPnd:\t", b"\nShdPnd:\t"):
-        at = status.find(key)
-        if at < 0 or status[at + len(key):status.index(b"\n", at + 1)].strip(b"0"):
-            return True
-    return False
-
-
-def revalidate_files(pid: int, fds: list[FdPos]) -> None:
-    """stat() every regular file the restored process has open, before it
-    runs: after the caller switched its files (a DeltaFS rollback), the
-    kernel may still hold a file's size from the discarded state, and an
-    O_APPEND write would land there; a stat makes it fetch the attributes
-    again (one request per file on FUSE, nothing elsewhere)."""
-    for f in fds:
-        if f.regular:
-            try:
-                os.stat(f"/proc/{pid}/fd/{f.fd}")
-            except OSError:
-                pass
 
 
 def _perms(m: MapRecord) -> str:
@@ -289,7 +261,6 @@ class _TracerThread(threading.Thread):
                 self.quiet.set()
                 self.last_command = time.monotonic()
                 self.tick = 0.0005  # after a command, look at the (maybe new) process soon
-
 
     def _run_after(self) -> None:
         while self.after:
@@ -593,7 +564,7 @@ class ProcessCheckpointer:
                 wpid, _ = _sys.waitpid(spare.pid, _sys.WNOHANG)
             except ChildProcessError:
                 wpid = -1
-            if wpid == 0 and not _signal_pending(spare.pid):  # still in its stop, nothing sent to it
+            if wpid == 0 and not signal_pending(spare.pid):  # still in its stop, nothing sent to it
                 return spare
         self._drop_spare(spare, wait=True)  # killed, signalled, or spares were switched off
         return None
