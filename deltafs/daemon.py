@@ -35,7 +35,7 @@ from .blobs import Blobs
 from .durability import Flusher, PendingFlag, syncfs
 from .errors import (AlreadyMountedError, BaseMissingError, DeltaFSError, StoreCorruptError,
                      StoreLockedError, UnknownCheckpointError)
-from .fuseops import INODE_HANDLES_AVAILABLE, Operations, invalidate
+from .fuseops import INODE_HANDLES_AVAILABLE, Operations, configure_request_spin, invalidate
 from .index import BLOB, Index
 from .records import from_u64
 from .mounts import FSTYPE, SOURCE_PREFIX, canonical, is_dead, top_mount
@@ -395,6 +395,7 @@ def serve(mountpoint: str, store: str, base: str | None, options: list[str],
         if not INODE_HANDLES_AVAILABLE:
             log.warning("stock pyfuse3: every open and directory listing costs a request "
                         "to this daemon; ./run.sh installs the deltafs build of pyfuse3")
+        configure_request_spin()
         pyfuse3.init(Operations(fs.view, store, inode_handles=not handles), mp, opts)
         mounted = True
     except (DeltaFSError, OSError, RuntimeError) as e:

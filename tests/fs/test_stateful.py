@@ -68,8 +68,9 @@ class Harness:
         make_base(self.base)
         (self.base / "src" / "a").write_text("a")
         # DELTAFS_HANDLES=1: the daemon answers OPEN and OPENDIR with handles,
-        # as it does with a stock pyfuse3, instead of leaving opens to the kernel
-        env = {"DELTAFS_HANDLES": "1"} if handles else {}
+        # as it does with a stock pyfuse3, instead of leaving opens to the
+        # kernel; DELTAFS_SPIN_US=0: and takes every request through trio
+        env = {"DELTAFS_HANDLES": "1", "DELTAFS_SPIN_US": "0"} if handles else {}
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
