@@ -39,7 +39,12 @@ cannot know whether an unlinked file is still open somewhere, each one stays
 readable (and its content open) until the kernel forgets it. Directory
 offsets are hashes of the names, so a listing resumed after changes neither
 skips nor repeats an entry. With a stock pyfuse3, or ``DELTAFS_HANDLES=1``,
-the daemon keeps file and directory handles instead.
+the daemon keeps file and directory handles instead. The same build lets
+the daemon wait up to 50 us for the next request after answering one
+(``fuseops.configure_request_spin``): a program that waits for each answer
+(``rm -rf``, a ``stat`` walk) sends it a few tens of microseconds later, and
+going back through trio's scheduler and ``epoll_wait`` in between costs more
+than the request.
 
 Durability: every operation is one LMDB transaction that reaches the OS at
 once, so ``kill -9`` of the daemon loses nothing that was written. A
