@@ -792,7 +792,8 @@ def plot(runs: dict[str, dict[str, Any]], path: str) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        return f"no plot: matplotlib unavailable ({e})"
+        return (f"no plot: matplotlib unavailable ({e}); "
+                ".venv/bin/pip install -e '.[bench]' installs it")
     keys = list(runs)
     fig, axes = plt.subplots(len(keys), 3, figsize=(15, 4 * len(keys)), squeeze=False)
     for row, key in zip(axes, keys):

@@ -10,7 +10,7 @@ import os
 from typing import Callable
 
 from . import _sys
-from .procfs import FdPos, read_fd_positions
+from .procfs import FdPos, read_fd_positions, signal_mask
 
 RunSyscall = Callable[..., int]
 
@@ -101,14 +101,34 @@ def revalidate_files(pid: int, fds: list[FdPos]) -> None:
 
 
 def restore_cwd_and_mask(pid: int, run: RunSyscall, cwd: str, sigmask: int) -> list[str]:
-    """Injected chdir(cwd) and rt_sigprocmask(SIG_SETMASK, sigmask)."""
+    """Injected chdir(cwd) and rt_sigprocmask(SIG_SETMASK, sigmask), each
+    only where /proc shows the process's differs: each costs three injected
+    syscalls (a scratch page mapped and unmapped), about 1 ms together, and
+    the process forked from an ancestor's template mostly has both already.
+    (A cwd that /proc names by ``cwd`` is the directory ``chdir(cwd)`` would
+    reach: a removed or moved one reads differently.)"""
     warnings: list[str] = []
-    if cwd:
+    if cwd and _current_cwd(pid) != cwd:
         res = with_scratch(pid, run, os.fsencode(cwd) + b"\0", _sys.SYS_chdir, lambda a: (a,))
         if res < 0:
             warnings.append(f"chdir({cwd}) failed: {os.strerror(-res)}")
-    res = with_scratch(pid, run, sigmask.to_bytes(8, "little"), _sys.SYS_rt_sigprocmask,
-                       lambda a: (SIG_SETMASK, a, 0, 8))
-    if res < 0:
-        warnings.append(f"rt_sigprocmask failed: {os.strerror(-res)}")
+    if _current_mask(pid) != sigmask:
+        res = with_scratch(pid, run, sigmask.to_bytes(8, "little"), _sys.SYS_rt_sigprocmask,
+                           lambda a: (SIG_SETMASK, a, 0, 8))
+        if res < 0:
+            warnings.append(f"rt_sigprocmask failed: {os.strerror(-res)}")
     return warnings
+
+
+def _current_cwd(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None  # unknown: chdir anyway
+
+
+def _current_mask(pid: int) -> int | None:
+    try:
+        return signal_mask(pid)
+    except (OSError, KeyError, ValueError):
+        return None

@@ -102,7 +102,12 @@ def configure_request_spin() -> bool:
     spin = getattr(pyfuse3, "set_request_spin", None)
     if spin is None:
         return False
-    us = int(os.environ.get("DELTAFS_SPIN_US", REQUEST_SPIN_US))
+    try:
+        us = int(os.environ.get("DELTAFS_SPIN_US", REQUEST_SPIN_US))
+    except ValueError:
+        log.warning("DELTAFS_SPIN_US=%r is not a number of microseconds: using %d",
+                    os.environ["DELTAFS_SPIN_US"], REQUEST_SPIN_US)
+        us = REQUEST_SPIN_US
     spin(us * 1000, REQUEST_BURST if us > 0 else 0)
     return us > 0
 
