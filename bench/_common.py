@@ -11,7 +11,10 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,6 +94,41 @@ def write_json(path: str, obj: Any) -> None:
 
 
 # -- machine ---------------------------------------------------------------------
+
+SLOW_CREATE_US = 200.0
+
+
+def file_create_us(parent: str, n: int = 200) -> float:
+    """Median microseconds to create (and close) an empty file in a new
+    directory under ``parent``. Normally 10-30 us here; on an ext4 without a
+    journal, after mass deletions (a benchmark's rm -rf, dropped stores),
+    creating files near them costs ~1 ms each for minutes (the allocator
+    skips recently deleted inodes one by one): every figure that creates
+    files is then off, native and FUSE alike."""
+    d = tempfile.mkdtemp(prefix="create-probe-", dir=parent)
+    times = []
+    try:
+        for i in range(n):
+            t = time.perf_counter()
+            os.close(os.open(os.path.join(d, f"f{i}"), os.O_CREAT | os.O_WRONLY, 0o644))
+            times.append((time.perf_counter() - t) * 1e6)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    return median(times)
+
+
+def slow_disk_warning(machine: dict[str, Any]) -> str | None:
+    """A line for the report's misses when ``file_create_us`` measured a slow
+    disk at the start or the end of the run (``machine['file_create_us_*']``)."""
+    slow = {k: v for k in ("file_create_us_start", "file_create_us_end")
+            if (v := machine.get(k)) is not None and v > SLOW_CREATE_US}
+    if not slow:
+        return None
+    return ("WARNING: the disk was slow to create files (" + ", ".join(
+        f"{k[len('file_create_us_'):]} of the run {v:.0f} us per file" for k, v in slow.items())
+        + "; normally 10-30 us, see bench/_common.file_create_us): figures that create files "
+        "are off, on every filesystem")
+
 
 def machine_info() -> dict[str, Any]:
     def sh(*cmd: str) -> str:

@@ -60,8 +60,8 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import (RESULTS, count_files, django_tree, machine_info, summary,  # noqa: E402
-                           table, verdict, write_json)
+from bench._common import (RESULTS, count_files, django_tree, file_create_us,  # noqa: E402
+                           machine_info, slow_disk_warning, summary, table, verdict, write_json)
 from deltabox.repos import pip_download  # noqa: E402
 from deltabox.sandbox import read_until  # noqa: E402
 
@@ -778,6 +778,8 @@ def render(report: dict[str, Any]) -> str:
             misses.append(f"{name}: {len(r['failures'])} CORRECTNESS FAILURES, first: {r['failures'][:3]}")
         if "error" in r:
             misses.append(f"{name}: ERROR {r['error'][:300]}")
+    if (warning := slow_disk_warning(report["machine"])) is not None:
+        misses.append(warning)
     if report.get("code_start") != report.get("code_end"):
         misses.append(f"WARNING: the code under test changed during the run ({report.get('code_start')} "
                       f"-> {report.get('code_end')})")
@@ -891,6 +893,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="bench-deltabox-", dir="/var/tmp")
     t_start = pc()
     report["code_start"] = code_state()
+    report["machine"]["file_create_us_start"] = file_create_us(tmp)
     try:
         data = prepare_tree(tmp)
         trace = Trace.make(a.seed, expansions, data["candidates"])
@@ -946,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
                     report["results"].setdefault(name, {})["close_error"] = str(e)
                 if os.path.isdir(cfg.dir):
                     shutil.rmtree(cfg.dir, ignore_errors=True)  # snapshots: GBs for copytree
+        report["machine"]["file_create_us_end"] = file_create_us(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report["code_end"] = code_state()

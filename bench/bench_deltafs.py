@@ -37,8 +37,8 @@ if __package__ in (None, ""):
 import deltafs  # noqa: E402
 from deltafs.mounts import FSTYPE, top_mount  # noqa: E402
 
-from bench._common import (RESULTS, django_tree, machine_info, median, summary,  # noqa: E402
-                           table, verdict, write_json)
+from bench._common import (RESULTS, django_tree, file_create_us, machine_info,  # noqa: E402
+                           median, slow_disk_warning, summary, table, verdict, write_json)
 
 pc = time.perf_counter
 
@@ -768,6 +768,8 @@ def render(report: dict[str, Any], cfg: Config) -> str:
     if report.get("part3", {}).get("failures"):
         misses.append(f"{len(report['part3']['failures'])} workload repetition(s) failed: "
                       "see part3.failures in the JSON")
+    if (warning := slow_disk_warning(report["machine"])) is not None:
+        misses.append(warning)
     if report.get("code_start") != report.get("code_end"):
         misses.append(f"WARNING: deltafs/ changed during the run ({report.get('code_start')} -> "
                       f"{report.get('code_end')}): daemons started at different times ran "
@@ -804,8 +806,10 @@ def main(argv: list[str] | None = None) -> int:
     rig = Rig(tmp)
     t0 = pc()
     report["code_start"] = code_state()
+    report["machine"]["file_create_us_start"] = file_create_us(tmp)
     try:
         run(cfg, parts, rig, report)
+        report["machine"]["file_create_us_end"] = file_create_us(tmp)
     finally:
         rig.close()
         shutil.rmtree(tmp, ignore_errors=True)
