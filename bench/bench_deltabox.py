@@ -869,6 +869,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-templates", type=int, default=MAX_TEMPLATES,
                     help=f"DeltaBox Sandbox max_templates ({MAX_TEMPLATES}, its default)")
     ap.add_argument("--configs", default=",".join(ORDER), help=f"subset of {','.join(ORDER)}")
+    ap.add_argument("--dir", default="/var/tmp",
+                    help="where to work: trees, stores, mounts, snapshots (default /var/tmp, the main disk)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_deltabox: run as root (FUSE, ptrace, overlayfs)", file=sys.stderr)
@@ -890,7 +892,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"benchmark": "deltabox", "machine": machine_info(),
                               "command": " ".join([os.path.relpath(sys.executable, os.getcwd())] + sys.argv),
                               "results": {}}
-    tmp = tempfile.mkdtemp(prefix="bench-deltabox-", dir="/var/tmp")
+    tmp = tempfile.mkdtemp(prefix="bench-deltabox-", dir=a.dir)
     t_start = pc()
     report["code_start"] = code_state()
     report["machine"]["file_create_us_start"] = file_create_us(tmp)

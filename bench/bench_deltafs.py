@@ -787,6 +787,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="1,2,3", help="which parts to run (default 1,2,3)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/deltafs.json; "
                     "--quick writes deltafs-quick.json)")
+    ap.add_argument("--dir", default="/var/tmp",
+                    help="where to work: trees, stores, mounts (default /var/tmp, the main disk)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_deltafs: run as root (FUSE, overlayfs, drop_caches)", file=sys.stderr)
@@ -795,14 +797,14 @@ def main(argv: list[str] | None = None) -> int:
     parts = {int(p) for p in a.parts.split(",") if p}
     out = a.out or os.path.join(RESULTS, "deltafs-quick.json" if a.quick else "deltafs.json")
     report: dict[str, Any] = {"benchmark": "deltafs", "machine": machine_info(),
-                              "config": vars(cfg) | {"parts": sorted(parts)},
+                              "config": vars(cfg) | {"parts": sorted(parts), "dir": a.dir},
                               "targets": {"checkpoint_p50_ms": CKPT_P50_MS,
                                           "rollback_p50_ms_100_files": ROLLBACK_P50_MS,
                                           "depth1000_over_depth1": DEPTH_RATIO,
                                           "read_heavy_over_native": READ_RATIO,
                                           "write_heavy_over_native": WRITE_RATIO}}
     signal.signal(signal.SIGTERM, _on_sigterm)
-    tmp = tempfile.mkdtemp(prefix="bench-deltafs-", dir="/var/tmp")  # the main disk
+    tmp = tempfile.mkdtemp(prefix="bench-deltafs-", dir=a.dir)
     rig = Rig(tmp)
     t0 = pc()
     report["code_start"] = code_state()
