@@ -102,8 +102,8 @@ def file_create_us(parent: str, n: int = 200) -> float:
     """Median microseconds to create (and close) an empty file in a new
     directory under ``parent``. Normally 10-30 us here; on an ext4 without a
     journal, after mass deletions (a benchmark's rm -rf, dropped stores),
-    creating files near them costs ~1 ms each for minutes (the allocator
-    skips recently deleted inodes one by one): every figure that creates
+    creating files near them costs 0.1-1 ms each for a long while (perf: the
+    inode allocator in ``recently_deleted``): every figure that creates
     files is then off, native and FUSE alike."""
     d = tempfile.mkdtemp(prefix="create-probe-", dir=parent)
     times = []
