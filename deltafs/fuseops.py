@@ -96,12 +96,12 @@ REQUEST_SPIN_US = 50
 REQUEST_BURST = 64
 
 
-def configure_request_spin() -> bool:
+def configure_request_spin() -> None:
     """Turn the wait on (``DELTAFS_SPIN_US`` overrides the time; 0 turns it
-    off). False with a stock pyfuse3, which always takes the normal path."""
+    off). A stock pyfuse3 has no such wait: nothing to do."""
     spin = getattr(pyfuse3, "set_request_spin", None)
     if spin is None:
-        return False
+        return
     try:
         us = int(os.environ.get("DELTAFS_SPIN_US", REQUEST_SPIN_US))
     except ValueError:
@@ -109,7 +109,6 @@ def configure_request_spin() -> bool:
                     os.environ["DELTAFS_SPIN_US"], REQUEST_SPIN_US)
         us = REQUEST_SPIN_US
     spin(us * 1000, REQUEST_BURST if us > 0 else 0)
-    return us > 0
 
 
 class Operations(pyfuse3.Operations):
