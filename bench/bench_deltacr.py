@@ -129,8 +129,9 @@ def full_copy_ms(pid: int) -> tuple[float, int]:
     return (time.perf_counter() - t) * 1e3, total
 
 
-def bench_size(size: int, fractions: list[float], iters: int, store_root: str, backend: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"size_mb": size // MB, "backend": backend, "by_dirty": {}}
+def bench_size(size: int, fractions: list[float], iters: int, store_root: str, backend: str,
+               hugepages: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"size_mb": size // MB, "backend": backend, "hugepages": hugepages, "by_dirty": {}}
     tgt = Target(size)
     store = tempfile.mkdtemp(prefix="deltacr-bench-", dir=store_root)
     cp = None
@@ -142,7 +143,12 @@ def bench_size(size: int, fractions: list[float], iters: int, store_root: str, b
         out["full_copy_ms"] = copy_ms
         out["full_copy_bytes"] = copied
         cp = ProcessCheckpointer(tgt.p.pid, store, max_templates=4, rehydrate=False, backend=backend,
-                                 spares=False)
+                                 spares=False, hugepages=hugepages)
+        cp.wait_background()  # the huge-page keeper's first pass
+        if hugepages:  # the same bare fork, of the process as the keeper left it
+            forks = [float(tgt.cmd("fork")) for _ in range(max(5, iters))]
+            out["huge_fork_ms_p50"] = statistics.median(forks)
+            out["hugepages_stats"] = cp.status()["hugepages"]
         cp.checkpoint("warm-up")
         cp.wait_background()
         for f in fractions:
@@ -222,8 +228,8 @@ def main() -> int:
     ap.add_argument("--sizes", help="comma-separated sizes in MB (default 10,100,1024)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "deltacr.json"))
     ap.add_argument("--store", default=tempfile.gettempdir(), help="where deltas are written")
-    ap.add_argument("--backends", help="comma-separated dirty-tracking backends (default: uffd-wp and pfn "
-                    "where available)")
+    ap.add_argument("--backends", help="comma-separated dirty-tracking backends, each optionally with /4k "
+                    "(huge-page keeper off) (default: uffd-wp, pfn and pfn/4k where available)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_deltacr: needs root (ptrace of arbitrary processes)", file=sys.stderr)
@@ -234,7 +240,8 @@ def main() -> int:
     report = check()
     from deltacr import available_backends
     have = available_backends()
-    backends = a.backends.split(",") if a.backends else [b for b in ("uffd-wp", "pfn") if b in have] or [have[0]]
+    backends = a.backends.split(",") if a.backends else (
+        [b for b in ("uffd-wp", "pfn", "pfn/4k") if b.split("/")[0] in have] or [have[0]])
     criu = probe_criu()
     results: dict[str, Any] = {
         "machine": machine_info(),
@@ -246,7 +253,8 @@ def main() -> int:
         for mb in sizes:
             n = iters if mb < 1024 else max(3, iters // 4)
             print(f"... {backend}: {mb} MB, {n} iterations per point", file=sys.stderr, flush=True)
-            results["sizes"].append(bench_size(mb * MB, fractions, n, a.store, backend))
+            name, _, pages = backend.partition("/")
+            results["sizes"].append(bench_size(mb * MB, fractions, n, a.store, name, hugepages=pages != "4k"))
     results["wall_s"] = time.perf_counter() - t0
     results["machine"]["loadavg_end"] = os.getloadavg()
     lines: list[str] = []
@@ -259,25 +267,31 @@ def main() -> int:
     emit(f"DeltaCR benchmark, {m['date']}, commit {m['git_commit'][:12]}{' (dirty tree)' if m['git_dirty'] else ''}, "
           f"load average {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}, {results['wall_s']:.0f} s")
     emit(f"\nDeltaCR benchmark  kernel {platform.release()}, {os.cpu_count()} cpus, default backend "
-          f"{report.backend}, {iters} iterations (1 GB: fewer); times in ms, 'x fork' = ratio to the bare fork")
+          f"{report.backend}, {iters} iterations (1 GB: fewer); times in ms, 'x fork' = ratio to the bare fork "
+          "of the process before attach; 'fork huge' = the same fork once the huge-page keeper has collapsed its "
+          "memory; '/4k' = keeper off")
     hdr = (f"{'backend':>7} {'size':>6} {'dirty':>6} | {'ckpt p50':>8} {'p99':>7} {'x fork':>6} | {'rollbk p50':>10} {'p99':>7} "
-           f"{'x fork':>6} | {'spare p50':>9} {'p99':>6} {'x fork':>6} | {'in-place':>8} | {'bg ms':>7} {'delta MB':>8} | {'fork p50':>8} {'full copy':>9}")
+           f"{'x fork':>6} | {'spare p50':>9} {'p99':>6} {'x fork':>6} | {'in-place':>8} | {'bg ms':>7} {'delta MB':>8} | {'fork p50':>8} "
+           f"{'fork huge':>9} {'full copy':>9}")
     emit(hdr)
     emit("-" * len(hdr))
     for s in results["sizes"]:
         fork = s["bare_fork_ms_p50"]
+        name = s["backend"] + ("" if s.get("hugepages", True) else "/4k")
+        huge = f"{s['huge_fork_ms_p50']:9.2f}" if "huge_fork_ms_p50" in s else f"{'-':>9}"
         for f, d in s["by_dirty"].items():  # noqa: B007
-            emit(f"{s['backend']:>7} {s['size_mb']:>4}MB {float(f) * 100:>5.0f}% | {d['checkpoint_ms_p50']:8.2f} "
+            emit(f"{name:>7} {s['size_mb']:>4}MB {float(f) * 100:>5.0f}% | {d['checkpoint_ms_p50']:8.2f} "
                   f"{d['checkpoint_ms_p99']:7.2f} {d['checkpoint_ms_p50'] / fork:6.2f} | "
                   f"{d['rollback_ms_p50']:10.2f} {d['rollback_ms_p99']:7.2f} {d['rollback_ms_p50'] / fork:6.2f} | "
                   f"{d['spare_rollback_ms_p50']:9.2f} {d['spare_rollback_ms_p99']:6.2f} "
                   f"{d['spare_rollback_ms_p50'] / fork:6.2f} | "
                   f"{d['in_place_rollback_ms_p50']:8.2f} | "
-                  f"{d['background_ms_p50']:7.1f} {d['delta_bytes_p50'] / MB:8.1f} | {fork:8.2f} "
+                  f"{d['background_ms_p50']:7.1f} {d['delta_bytes_p50'] / MB:8.1f} | {fork:8.2f} {huge} "
                   f"{s['full_copy_ms']:7.1f}ms")
     emit("\nslow path (fork the root's template, replay 2 fully dirty deltas):")
     for s in results["sizes"]:
-        emit(f"  {s['backend']:>7} {s['size_mb']:>5} MB: {s['slow_path_ms']:8.1f} ms, {s['slow_path_delta_bytes'] / MB:8.1f} MB of "
+        name = s["backend"] + ("" if s.get("hugepages", True) else "/4k")
+        emit(f"  {name:>7} {s['size_mb']:>5} MB: {s['slow_path_ms']:8.1f} ms, {s['slow_path_delta_bytes'] / MB:8.1f} MB of "
               f"delta replayed ({s['slow_path_gb_per_s']:.2f} GB/s), {s['slow_path_replayed_bytes'] / MB:8.1f} MB "
               f"written into the process ({s['slow_path_written_gb_per_s']:.2f} GB/s)")
     emit(f"\nCRIU baseline: {'works' if criu.ok else 'not available'} ({criu.detail}); "

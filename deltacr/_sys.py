@@ -54,6 +54,9 @@ SYS_restart_syscall = 219
 SYS_userfaultfd = 323
 SYS_pidfd_open = 434
 SYS_pidfd_getfd = 438
+SYS_process_madvise = 440
+
+MADV_COLLAPSE = 25
 
 CLONE_PTRACE = 0x2000
 
@@ -117,6 +120,7 @@ PAGE_IS_WRITTEN = 1 << 1
 PAGE_IS_FILE = 1 << 2
 PAGE_IS_PRESENT = 1 << 3
 PAGE_IS_SWAPPED = 1 << 4
+PAGE_IS_HUGE = 1 << 6  # mapped by one PMD (a transparent huge page)
 PAGE_IS_SOFT_DIRTY = 1 << 7
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -392,6 +396,12 @@ def process_vm_gather(pid: int, segments: list[tuple[int, int]], buf: bytearray,
         if res != n:
             break
     return done
+
+
+def process_madvise(pidfd: int, addr: int, length: int, advice: int) -> int:
+    """madvise() on another process's memory (one range); returns bytes advised."""
+    iov = _IoVec(addr, length)
+    return _sys(SYS_process_madvise, pidfd, ctypes.addressof(iov), 1, advice, 0)
 
 
 def pack_u64s(*values: int) -> bytes:

@@ -1,7 +1,7 @@
 """The ``deltacr`` command line. Scripts rely on exactly this interface:
 
     deltacr check
-    deltacr attach PID [--store DIR] [--max-templates N] [--backend B] [--no-spares]
+    deltacr attach PID [--store DIR] [--max-templates N] [--backend B] [--no-spares] [--no-hugepages]
     deltacr checkpoint PID [--label TEXT]      prints the new id alone on one line
     deltacr rollback PID ID [--in-place]       prints the live pid
     deltacr list PID [--json]
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--no-spares", dest="spares", action="store_false",
                    help="do not keep a pre-forked child per template (rollbacks then fork on their critical "
                         "path; half the frozen processes)")
+    a.add_argument("--no-hugepages", dest="hugepages", action="store_false",
+                   help="leave the process's memory in 4 KiB pages (by default the daemon collapses memory "
+                        "the process wrote into transparent huge pages, which makes template forks cheaper)")
     c = sub.add_parser("checkpoint", help="checkpoint PID; prints the new id")
     c.add_argument("pid", type=int)
     c.add_argument("--label", default="")
@@ -69,7 +72,7 @@ def _run(a: argparse.Namespace) -> int:
         print(report.format())
         return 0 if report.can_checkpoint else 1
     if a.cmd == "attach":
-        cl = attach(a.pid, a.store, a.max_templates, a.backend, spares=a.spares)
+        cl = attach(a.pid, a.store, a.max_templates, a.backend, spares=a.spares, hugepages=a.hugepages)
         st = cl.status()
         print(f"attached to pid {a.pid}: daemon {st['daemon_pid']}, backend {st['backend']}, store {st['store']}")
         for w in st["warnings"]:

@@ -90,7 +90,7 @@ class Client:
 
 
 def attach(pid: int, store: str | None = None, max_templates: int = 8, backend: str = "auto",
-           timeout: float = 30.0, spares: bool = True) -> Client:
+           timeout: float = 30.0, spares: bool = True, hugepages: bool = True) -> Client:
     """Start a daemon tracing pid; returns once it is attached (or raises why not)."""
     client = Client(pid)
     try:
@@ -109,6 +109,8 @@ def attach(pid: int, store: str | None = None, max_templates: int = 8, backend: 
         cmd += ["--store", store]
     if not spares:
         cmd.append("--no-spares")
+    if not hugepages:
+        cmd.append("--no-hugepages")
     log_dir = os.environ.get("DELTACR_RUN_DIR", "/run/deltacr")
     os.makedirs(log_dir, exist_ok=True)
     log = open(os.path.join(log_dir, f"{pid}.log"), "ab")

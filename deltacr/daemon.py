@@ -146,12 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-templates", type=int, default=8)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--no-spares", dest="spares", action="store_false")
+    ap.add_argument("--no-hugepages", dest="hugepages", action="store_false")
     ap.add_argument("--socket")
     ap.add_argument("--ready-fd", type=int)
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
     ready = a.ready_fd
     try:
-        cp = ProcessCheckpointer(a.pid, a.store, a.max_templates, a.backend, reap_orphans=True, spares=a.spares)
+        cp = ProcessCheckpointer(a.pid, a.store, a.max_templates, a.backend, reap_orphans=True, spares=a.spares,
+                                 hugepages=a.hugepages)
     except DeltaCRError as e:
         if ready is not None:
             os.write(ready, json.dumps({"ok": False, "type": type(e).__name__, "error": str(e)}).encode())

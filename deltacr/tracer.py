@@ -28,13 +28,14 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, TypeVar
 
 from . import _sys, inject
 from .check import check
 from .delta import DeltaInfo, MapRecord, read_delta
 from .dirty import DirtyTracker, copy_pages, make_tracker, pfn_changed
+from .hugepages import HugePageKeeper
 from .errors import (AlreadyTraced, DeltaCRError, InjectionFailed, MultiThreaded, NoSuchProcess,
                      NotAttached, NotPermitted, ProcessGone, ProcessIsZombie, RestoreFailed)
 from .procfs import (PF_KTHREAD, FdPos, Vma, descendants, read_fd_positions, read_maps, read_stat, read_status,
@@ -290,7 +291,7 @@ class ProcessCheckpointer:
 
     def __init__(self, pid: int, store_dir: str | None = None, max_templates: int = 8,
                  backend: str = "auto", reap_orphans: bool = False, rehydrate: bool = True,
-                 spares: bool = True) -> None:
+                 spares: bool = True, hugepages: bool = True) -> None:
         refuse_untraceable(pid)
         if max_templates < 1:
             raise DeltaCRError(f"pid {pid}: --max-templates must be at least 1 (the root keeps one)")
@@ -353,8 +354,21 @@ class ProcessCheckpointer:
             self._tracer.join()
             raise
         self._bg.start()
+        self._keeper: HugePageKeeper | None = None
+        if hugepages and check().can_collapse:
+            self._keeper = HugePageKeeper(f"deltacr-hugepages-{pid}", self._keeper_pid, self._background_may_run)
+            self._keeper.start()
         self._watcher = threading.Thread(target=self._watch, name=f"deltacr-watch-{pid}", daemon=True)
         self._watcher.start()
+
+    def _keeper_pid(self) -> int | None:
+        return self.live_pid if self.state in ("running", "stopped") else None
+
+    def _background_may_run(self) -> bool:
+        """Nothing is asked of the tracer, nobody is on a critical path, and
+        no command came for a moment (its caller may send the next one)."""
+        return (self._quiet.is_set() and critical.idle.is_set() and self.state == "running"
+                and self._tracer.q.empty() and time.monotonic() - self._tracer.last_command > SPARE_QUIET)
 
     def _watch(self) -> None:
         """Wake the tracer thread the moment the running process has an event
@@ -662,6 +676,8 @@ class ProcessCheckpointer:
         tf = time.perf_counter()
         tpl = inject.fork(live, regs, self._syscall_addr, during)
         self.last_fork_ms = (time.perf_counter() - tf) * 1e3
+        if self._keeper is not None:
+            self._keeper.forget()  # the live process's memory is shared with the template now
         inject.set_options(tpl, TEMPLATE_OPTIONS)  # now: it must die with us, whatever happens next
         if "error" in got:
             inject.kill_and_reap(tpl)
@@ -978,6 +994,8 @@ class ProcessCheckpointer:
             self._live_depth = depth
             self.live_pid = new
             self.state = "running" if resume else "stopped"
+            if self._keeper is not None:
+                self._keeper.forget()
             self._regs = regs
             self._pending = []
             self.current = cid
@@ -1167,7 +1185,8 @@ class ProcessCheckpointer:
     def wait_background(self, timeout: float | None = None) -> None:
         """Wait until every delta queued so far is written (or failed), the
         template evictions that made possible have happened and every
-        template has its spare."""
+        template has its spare, and no huge-page pass is due (see
+        :mod:`deltacr.hugepages`)."""
         self._settle()
         self._wait_deltas(timeout)
         if self._tracer.is_alive() and threading.current_thread() is not self._tracer:
@@ -1176,6 +1195,8 @@ class ProcessCheckpointer:
                     pass
                 self._arm_spares()
             self._tracer.call(fill)
+            if self._keeper is not None:
+                self._keeper.wait()
 
     def _wait_deltas(self, timeout: float | None) -> None:
         for ev in list(self._done.values()):
@@ -1205,6 +1226,7 @@ class ProcessCheckpointer:
                 "spares": {str(c): s.pid for c, s in list(self._spares.items())},
                 "max_templates": self.pool.max_templates,
                 "warnings": list(self.warnings),
+                "hugepages": asdict(self._keeper.stats) if self._keeper is not None else None,
             }
 
     def template_pid(self, cid: int) -> int | None:
@@ -1245,6 +1267,8 @@ class ProcessCheckpointer:
         self._cancel = True
         self._bg_q.put(None)
         self._bg.join(timeout=30)
+        if self._keeper is not None:
+            self._keeper.close()
         self._tracer.call(lambda: self._close(kill_live))
         self._tracer.stop()
         self._tracer.join()
