@@ -456,6 +456,7 @@ class Overlay(ReplayConfig):
 
 class DeltaBoxConfig(Config):
     name = "deltabox"
+    hugepages = True
 
     def __init__(self, tmp: str, pristine: str, env: dict[str, str], max_templates: int) -> None:
         super().__init__(tmp, pristine, env)
@@ -467,7 +468,8 @@ class DeltaBoxConfig(Config):
         from deltabox import Sandbox
         base = os.path.join(self.dir, "base")
         shutil.copytree(self.pristine, base, symlinks=True)
-        self.sb = Sandbox(base, workdir=os.path.join(self.dir, "sb"), max_templates=self.max_templates)
+        self.sb = Sandbox(base, workdir=os.path.join(self.dir, "sb"), max_templates=self.max_templates,
+                          hugepages=self.hugepages)
         self.root = self.sb.root
         self.sh = self.sb.spawn(["bash", "--norc", "--noprofile"], name="bash", env=self.env)
         self.py = self.sb.spawn([PY, "-u", "-q", "-i"], name="python", env=self.env)
@@ -498,6 +500,13 @@ class DeltaBoxConfig(Config):
         if self.sb is not None:
             self.sb.close()  # ends bash + the REPL and their templates, unmounts
         self.sh = self.py = None
+
+
+class DeltaBox4kConfig(DeltaBoxConfig):
+    """DeltaBox with the huge-page keeper off (deltacr.hugepages): what it buys."""
+
+    name = "deltabox-4k"
+    hugepages = False
 
 
 # -- the search --------------------------------------------------------------------
@@ -587,7 +596,9 @@ def search(cfg: Config, trace: Trace, base: dict[str, bytes], inference: float) 
             "inference_s": inference * len(trace.steps), "action_ms": summary(act_ms),
             "action_parts_ms": {k: summary(v) for k, v in act_parts.items()},
             "checkpoints": ck, "rollbacks": rb, "failures": failures, "repl_bare_fork_ms": bare_forks,
-            "repl_rss_mb": rss_mb(cfg.py.pid if cfg.py else None)}
+            "repl_rss_mb": rss_mb(cfg.py.pid if cfg.py else None),
+            "hugepages": ({n: p._cr.status()["hugepages"] for n, p in cfg.sb.procs.items()}
+                          if isinstance(cfg, DeltaBoxConfig) else None)}
 
 
 # -- the repository ------------------------------------------------------------------
@@ -625,7 +636,7 @@ def prepare_tree(tmp: str) -> dict[str, Any]:
 
 # -- reporting ---------------------------------------------------------------------
 
-ORDER = ["floor", "deltabox", "overlayfs", "git", "copytree"]
+ORDER = ["floor", "deltabox", "deltabox-4k", "overlayfs", "git", "copytree"]
 
 
 def col(xs: list[dict[str, Any]], key: str) -> list[float]:
@@ -694,29 +705,31 @@ def render(report: dict[str, Any]) -> str:
                      ["config", "ckpt mean", "ckpt p50", "ckpt p99", "rollback mean",
                       "rollback p50", "rollback p99", "e2e s", "e2e / floor", "expansion p50 ms",
                       "check failures"], rows))
+    for dname in ("deltabox", "deltabox-4k"):
+        d = an.get(dname)
+        if d and "error" not in d:
+            rows = []
+            items = [("checkpoint, caller", "checkpoint_ms"),
+                     ("checkpoint critical_ms (reported)", "checkpoint_critical_ms")]
+            items += [(f"  {k} (CheckpointReport)", f"checkpoint_{k}") for k in d["checkpoint_parts"]]
+            items += [("rollback, caller", "rollback_ms"), ("rollback ms (reported)", "rollback_reported_ms")]
+            items += [(f"  {k} (RollbackReport)", f"rollback_{k}") for k in d["rollback_parts"]]
+            for label, key in items:
+                s = d.get(key, {})
+                rows.append([label, s.get("mean"), s.get("p50"), s.get("p99"), s.get("max")])
+            out.append(table(f"{dname} breakdown (ms)", ["", "mean", "p50", "p99", "max"], rows))
+            chain = d.get("fork_by_depth")
+            if chain:
+                out.append(table(f"{dname}: template fork by fork-chain depth (the deepest template of each "
+                                 "checkpoint; deltacr Checkpoint.depth)",
+                                 ["depth", "checkpoints", "fork_ms p50", "critical_ms p50"],
+                                 [[k, v["n"], v["fork_p50"], v["critical_p50"]] for k, v in chain.items()]))
+            out.append(f"{dname}: process restore paths over all rollbacks (bash + python): "
+                       f"{d.get('rollback_paths')}; max_templates {cfg['max_templates']}; REPL RSS "
+                       f"{report['results'][dname].get('repl_rss_mb') or 0:.0f} MB; final "
+                       f"wait_background {report['results'][dname]['final_wait_background_s']:.2f} s "
+                       f"(inside e2e); huge-page keeper: {report['results'][dname].get('hugepages')}\n")
     d = an.get("deltabox")
-    if d and "error" not in d:
-        rows = []
-        items = [("checkpoint, caller", "checkpoint_ms"),
-                 ("checkpoint critical_ms (reported)", "checkpoint_critical_ms")]
-        items += [(f"  {k} (CheckpointReport)", f"checkpoint_{k}") for k in d["checkpoint_parts"]]
-        items += [("rollback, caller", "rollback_ms"), ("rollback ms (reported)", "rollback_reported_ms")]
-        items += [(f"  {k} (RollbackReport)", f"rollback_{k}") for k in d["rollback_parts"]]
-        for label, key in items:
-            s = d.get(key, {})
-            rows.append([label, s.get("mean"), s.get("p50"), s.get("p99"), s.get("max")])
-        out.append(table("DeltaBox breakdown (ms)", ["", "mean", "p50", "p99", "max"], rows))
-        chain = d.get("fork_by_depth")
-        if chain:
-            out.append(table("DeltaBox template fork by fork-chain depth (the deepest template of each "
-                             "checkpoint; deltacr Checkpoint.depth)",
-                             ["depth", "checkpoints", "fork_ms p50", "critical_ms p50"],
-                             [[k, v["n"], v["fork_p50"], v["critical_p50"]] for k, v in chain.items()]))
-        out.append(f"DeltaBox process restore paths over all rollbacks (bash + python): "
-                   f"{d.get('rollback_paths')}; max_templates {cfg['max_templates']}; REPL RSS "
-                   f"{report['results']['deltabox'].get('repl_rss_mb') or 0:.0f} MB; final "
-                   f"wait_background {report['results']['deltabox']['final_wait_background_s']:.2f} s "
-                   "(inside e2e)\n")
     rows = []
     for name in ORDER:
         r = report["results"].get(name)
@@ -920,8 +933,8 @@ def main(argv: list[str] | None = None) -> int:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         for name in configs:
             cls = {"floor": Floor, "copytree": CopyTree, "git": Git, "overlayfs": Overlay,
-                   "deltabox": DeltaBoxConfig}[name]
-            cfg = (cls(tmp, data["tree"], env, a.max_templates) if cls is DeltaBoxConfig  # type: ignore[call-arg]
+                   "deltabox": DeltaBoxConfig, "deltabox-4k": DeltaBox4kConfig}[name]
+            cfg = (cls(tmp, data["tree"], env, a.max_templates) if issubclass(cls, DeltaBoxConfig)  # type: ignore[call-arg]
                    else cls(tmp, data["tree"], env))
             t0 = pc()
             try:  # the one teardown path of this configuration

@@ -174,7 +174,7 @@ class Sandbox:
     REPL, timed while profiling); otherwise DeltaCR's own default."""
 
     def __init__(self, base: str, *, workdir: str | None = None, max_templates: int = 128,
-                 options: tuple[str, ...] = (), backend: str = "auto") -> None:
+                 options: tuple[str, ...] = (), backend: str = "auto", hugepages: bool = True) -> None:
         if not os.path.isdir(base):
             raise DeltaBoxError(f"the base {base} is not a directory: give the repository to work on")
         self._own_workdir = workdir is None
@@ -187,6 +187,7 @@ class Sandbox:
         if backend == "auto" and deltacr.check().pfn_visible:
             backend = "pfn"
         self.backend = backend
+        self.hugepages = hugepages  # see deltacr.hugepages
         self.procs: dict[str, Proc] = {}
         self._states: dict[int, StateInfo] = {}
         self.current: int | None = None
@@ -211,7 +212,7 @@ class Sandbox:
         try:
             cr = deltacr.ProcessCheckpointer(popen.pid, os.path.join(self.store, "procs", name),
                                              max_templates=self.max_templates, reap_orphans=True,
-                                             backend=self.backend)
+                                             backend=self.backend, hugepages=self.hugepages)
         except BaseException:
             popen.kill()
             popen.wait()
