@@ -834,6 +834,8 @@ def plot(runs: dict[str, dict[str, Any]], path: str) -> str | None:
         row[2].set_ylabel("end-to-end / floor")
         row[2].set_title(f"end to end ({key})")
         row[2].legend()
+        for ax in row:
+            ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
