@@ -177,25 +177,54 @@ def probe_pfn() -> Probe:
         region.close()
 
 
+def _thp_setting() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            words = f.read().split()
+    except OSError:
+        return "missing"
+    return next((w.strip("[]") for w in words if w.startswith("[")), "unknown")
+
+
 def probe_hugepage_collapse() -> Probe:
     """Can we collapse another process's memory into a huge page from outside
-    (``process_madvise(MADV_COLLAPSE)``, Linux >= 6.1)? Tried on our own memory."""
+    (``process_madvise(MADV_COLLAPSE)``, Linux >= 6.1; another process's needs
+    CAP_SYS_NICE)? Tried on a forked child. MADV_COLLAPSE ignores the sysfs
+    setting, so an administrator's ``never`` is honoured here."""
     from .hugepages import HUGE
+    name = "huge-page collapse"
+    setting = _thp_setting()
+    if setting in ("never", "missing"):
+        return Probe(name, False, f"transparent huge pages are {'off' if setting == 'never' else 'absent'} "
+                                  "(/sys/kernel/mm/transparent_hugepage/enabled): templates fork 4 KiB pages")
     region = mmap.mmap(-1, 2 * HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     view = ctypes.c_char.from_buffer(region)
+    start = -(-ctypes.addressof(view) // HUGE) * HUGE
+    region.write(b"\x01" * len(region))
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        os.close(r)
+        region[len(region) // 2] = 2  # a page of its own, as a running process would have
+        os.write(w, b"x")
+        while True:
+            signal.pause()
+    os.close(w)
     pidfd = -1
     try:
-        region.write(b"\x01" * len(region))
-        start = -(-ctypes.addressof(view) // HUGE) * HUGE
-        pidfd = _sys.pidfd_open(os.getpid())
+        os.read(r, 1)
+        pidfd = _sys.pidfd_open(child)
         _sys.process_madvise(pidfd, start, HUGE, _sys.MADV_COLLAPSE)
-        return Probe("huge-page collapse", True, "process_madvise(MADV_COLLAPSE) works: templates fork faster")
+        return Probe(name, True, "process_madvise(MADV_COLLAPSE) works on another process: templates fork faster")
     except OSError as e:
-        return Probe("huge-page collapse", False, f"process_madvise(MADV_COLLAPSE): {_why(e)}; "
-                                                  "templates fork 4 KiB pages")
+        return Probe(name, False, f"process_madvise(MADV_COLLAPSE) on another process: {_why(e)}; "
+                                  "templates fork 4 KiB pages")
     finally:
         if pidfd >= 0:
             os.close(pidfd)
+        os.close(r)
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
         del view
         region.close()
 

@@ -24,11 +24,17 @@ still shares. Memory that is shared with a template stays as it is until the
 process writes it again. Ranges under uffd-wp tracking collapse only once all
 their pages were written (the kernel refuses otherwise), which again adds
 nothing. A process that asked for no huge pages (``MADV_NOHUGEPAGE``) gets
-none: the kernel refuses those ranges.
+none: the kernel refuses those ranges (EINVAL; not retried until the process
+forks again); a range refused for want of a free huge page or because it was
+busy is retried at the next pass. ``MADV_COLLAPSE`` ignores the system's THP
+setting, so the checkpointer starts no keeper where it is ``never`` (see
+``deltacr check``).
 
-When: never while a command runs or a caller is on a critical path; a pass
-after attach, whenever the process's resident memory has grown by 2 MiB since
-the last pass, and every few seconds besides. The kernel may compact memory
+When: never while a command runs, a caller is on a critical path or the
+process is stopped; a pass after attach, whenever the process's resident
+memory has grown by 2 MiB since the last pass, and every few seconds
+besides. A pass stops as soon as the process forks (its candidates are shared
+from then on) and is made again. The kernel may compact memory
 to find a huge page (0.7-8 ms of CPU per range measured here): that is
 background CPU, like writing deltas. ``wait()`` returns once no pass is due.
 """
@@ -59,6 +65,7 @@ PAGES = HUGE // _sys.PAGE_SIZE
 MIN_PRESENT = PAGES * 7 // 8  # a collapse fills the holes: cap what it may add
 PRESENT_EXCLUSIVE = 0x81  # top byte of a pagemap entry: bit 63 present, bit 56 exclusively mapped
 POLL = 0.05  # s between looks at the process's resident memory
+READ_RANGES = 64  # huge-page ranges of pagemap read at a time (256 KiB): a big reservation is read in pieces
 PERIOD = 3.0  # s: a pass even without growth (memory rewritten in place becomes exclusive again)
 
 
@@ -90,14 +97,15 @@ def candidates(pid: int, vmas: list[Vma]) -> list[int]:
             if end <= start:
                 continue
             huge = _huge_already(pm.fileno(), start, end)
-            entries = os.pread(pm.fileno(), (end - start) // _sys.PAGE_SIZE * 8, start // _sys.PAGE_SIZE * 8)
-            flags = entries[7::8]  # the top byte of each little-endian entry
-            for i in range(0, len(flags) - PAGES + 1, PAGES):
-                chunk = flags[i:i + PAGES]
-                good = chunk.count(PRESENT_EXCLUSIVE)
-                at = start + i * _sys.PAGE_SIZE
-                if good >= MIN_PRESENT and good + chunk.count(0) == PAGES and at not in huge:
-                    out.append(at)
+            for piece in range(start, end, READ_RANGES * HUGE):
+                n = min(end - piece, READ_RANGES * HUGE) // _sys.PAGE_SIZE
+                flags = os.pread(pm.fileno(), n * 8, piece // _sys.PAGE_SIZE * 8)[7::8]  # each entry's top byte
+                for i in range(0, len(flags) - PAGES + 1, PAGES):
+                    chunk = flags[i:i + PAGES]
+                    good = chunk.count(PRESENT_EXCLUSIVE)
+                    at = piece + i * _sys.PAGE_SIZE
+                    if good >= MIN_PRESENT and good + chunk.count(0) == PAGES and at not in huge:
+                        out.append(at)
     return out
 
 
@@ -112,7 +120,7 @@ def anon_resident(pid: int) -> int:
 class KeeperStats:
     passes: int = 0
     collapsed: int = 0  # huge pages made
-    refused: int = 0  # ranges the kernel would not collapse (busy, no huge page free, opted out)
+    refused: int = 0  # collapses the kernel refused (busy, no huge page free, opted out)
     disabled: str | None = None  # why the keeper stopped for good
 
 
@@ -129,9 +137,9 @@ class HugePageKeeper(threading.Thread):
         self._wake = threading.Event()
         self._cv = threading.Condition()
         self._asked = 0  # wait() calls made ...
-        self._answered = 0  # ... and how many of them a look at the process has answered
+        self._answered = 0  # ... and how many of them a finished pass (or no process) has answered
         self._closing = False
-        self._due = True  # the first pass comes right after attach
+        self._due = True  # growth or time call for a pass; the first comes right after attach
         self._epoch = 0
         self._refused: set[int] = set()  # ranges the kernel refused since the last fork (in _refused_epoch)
         self._refused_epoch = 0
@@ -148,7 +156,6 @@ class HugePageKeeper(threading.Thread):
         with self._cv:
             self._asked += 1
             want = self._asked
-            self._due = True
             self._wake.set()
             return self._cv.wait_for(lambda: self._answered >= want, timeout)
 
@@ -168,7 +175,8 @@ class HugePageKeeper(threading.Thread):
             while not self._closing:
                 self._wake.wait(POLL)
                 self._wake.clear()
-                asked = self._asked
+                with self._cv:
+                    asked = self._asked  # answered by the pass that starts now, not by one under way
                 pid = self._live_pid()
                 if self._closing:
                     break
@@ -183,11 +191,10 @@ class HugePageKeeper(threading.Thread):
                     continue
                 if resident - self._resident_at_pass >= HUGE or time.monotonic() - self._last_pass >= PERIOD:
                     self._due = True
-                if self._due and self._quiet() and self._pass(pid):
-                    self._due = self._asked != asked  # a wait() came during the pass: one more
+                if (self._due or asked > self._answered) and self._quiet() and self._pass(pid):
+                    self._due = False
                     self._last_pass = time.monotonic()
                     self._resident_at_pass = resident
-                if not self._due:
                     self._settle(asked)
         except Exception as e:  # noqa: BLE001 - a bug here must not go unseen, nor stop checkpoints
             self.stats.disabled = f"the huge-page keeper failed: {e!r}"
@@ -195,7 +202,9 @@ class HugePageKeeper(threading.Thread):
             self._settle(1 << 62)  # nobody waits for a keeper that has stopped
 
     def _pass(self, pid: int) -> bool:
-        """One pass over pid's memory; False if it stopped for a command."""
+        """One pass over pid's memory; False if it stopped for a command (or a
+        fork) and must be made again."""
+        epoch = self._epoch  # a fork after this makes the candidates shared: stop then
         try:
             pidfd = _sys.pidfd_open(pid)
         except OSError:
@@ -206,27 +215,31 @@ class HugePageKeeper(threading.Thread):
             except OSError:  # it exited
                 return True
             self.stats.passes += 1
-            if self._refused_epoch != self._epoch:
-                self._refused, self._refused_epoch = set(), self._epoch
+            if self._refused_epoch != epoch:
+                self._refused, self._refused_epoch = set(), epoch
             refused = self._refused
             for start in todo:
                 if start in refused:
                     continue
-                if self._closing or not self._quiet() or self._live_pid() != pid:
-                    return self._live_pid() != pid
+                live = self._live_pid()
+                if live is not None and live != pid:  # replaced by a rollback: its memory is gone
+                    return True
+                if live is None or self._closing or not self._quiet() or self._epoch != epoch:
+                    return False
                 try:
                     _sys.process_madvise(pidfd, start, HUGE, _sys.MADV_COLLAPSE)
                     self.stats.collapsed += 1
                 except OSError as e:
                     if e.errno == errno.ESRCH:
                         return True
-                    if e.errno in (errno.EPERM, errno.ENOSYS) or (
-                            e.errno == errno.EINVAL and not self.stats.collapsed and self.stats.refused >= 8):
+                    if e.errno in (errno.EPERM, errno.ENOSYS):  # `deltacr check` would have said so
                         self.stats.disabled = (f"the kernel refuses MADV_COLLAPSE through process_madvise "
                                                f"({os.strerror(e.errno)}): templates fork 4 KiB pages")
                         return True
                     self.stats.refused += 1
-                    refused.add(start)  # not again until the process has forked (an opt-out stays)
+                    if e.errno == errno.EINVAL:  # not allowed there (an opt-out): not again before a fork
+                        refused.add(start)
+                    # else busy or no huge page free now (EAGAIN, ENOMEM, EBUSY): the next pass retries
             return True
         finally:
             os.close(pidfd)

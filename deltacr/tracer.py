@@ -362,7 +362,9 @@ class ProcessCheckpointer:
         self._watcher.start()
 
     def _keeper_pid(self) -> int | None:
-        return self.live_pid if self.state in ("running", "stopped") else None
+        """The process the huge-page keeper works on: none while it is stopped
+        (an operation, or a caller holding it stopped)."""
+        return self.live_pid if self.state == "running" else None
 
     def _background_may_run(self) -> bool:
         """Nothing is asked of the tracer, nobody is on a critical path, and
@@ -1196,7 +1198,7 @@ class ProcessCheckpointer:
                 self._arm_spares()
             self._tracer.call(fill)
             if self._keeper is not None:
-                self._keeper.wait()
+                self._keeper.wait(timeout if timeout is not None else 30.0)
 
     def _wait_deltas(self, timeout: float | None) -> None:
         for ev in list(self._done.values()):
