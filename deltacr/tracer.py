@@ -35,9 +35,9 @@ from . import _sys, inject
 from .check import check
 from .delta import DeltaInfo, MapRecord, read_delta
 from .dirty import DirtyTracker, copy_pages, make_tracker, pfn_changed
-from .hugepages import HugePageKeeper
 from .errors import (AlreadyTraced, DeltaCRError, InjectionFailed, MultiThreaded, NoSuchProcess,
                      NotAttached, NotPermitted, ProcessGone, ProcessIsZombie, RestoreFailed)
+from .hugepages import HugePageKeeper
 from .procfs import (PF_KTHREAD, FdPos, Vma, descendants, read_fd_positions, read_maps, read_stat, read_status,
                      signal_pending, thread_count, zombie_children)
 from .replay import ReplayStats, merge, reconcile, replay
@@ -287,6 +287,12 @@ class ProcessCheckpointer:
     to twice as many frozen processes (a spare shares all its memory with
     its template; it costs page tables) and one fork of background CPU per
     checkpoint and per rollback. ``wait_background()`` also waits for them.
+
+    ``hugepages``: a keeper thread collapses the memory the live process
+    wrote since its last fork into transparent huge pages, from outside and
+    never during an operation, so that the next template fork copies page
+    tables in batches (see :mod:`deltacr.hugepages`; off where ``deltacr
+    check`` says the kernel cannot, or the administrator set THP to never).
     """
 
     def __init__(self, pid: int, store_dir: str | None = None, max_templates: int = 8,
