@@ -128,3 +128,20 @@ def test_hugepages_false_leaves_memory_alone(lab: Lab, store: str) -> None:
     assert cp.status()["hugepages"] is None
     if not SMALL_FIRST:  # with "always", khugepaged may collapse it on its own
         assert huge_kb(cp.live_pid, r.eval("m_addr")) == 0
+
+
+def test_wait_background_does_not_wait_for_a_stopped_process(lab: Lab, store: str) -> None:
+    import time
+    r = lab.repl()
+    cp = lab.checkpointer(r.pid, store, backend="pfn" if "pfn" in available_backends() else "compare",
+                          rehydrate=False)
+    r.run(buffer("m"))
+    cp.stop()  # held stopped by its caller: the keeper must not be waited for
+    try:
+        t = time.monotonic()
+        cp.wait_background(timeout=20)
+        assert time.monotonic() - t < 5
+    finally:
+        cp.resume()
+    cp.wait_background()
+    assert huge_kb(cp.live_pid, r.eval("m_addr")) >= 7 * 2048  # and it catches up once it runs
