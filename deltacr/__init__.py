@@ -20,7 +20,9 @@ one and replays mapping changes and page deltas into it (:mod:`deltacr.replay`),
 bit-identical to the fast path. Checkpoints form a tree: roll back to any node.
 The fork is most of a fast-path rollback, so while the tracer is idle each
 template gets a *spare*: a child forked ahead of time, dirty tracking armed in
-it; a rollback that finds one only sets registers and offsets and resumes it.
+it; a rollback that finds one only sets registers and offsets and resumes it
+(the first rollback to a checkpoint resumes the template itself and keeps
+the spare as the template: one fork fewer behind the restored process).
 An experimental third way, ``rollback(id, in_place=True)``, restores the live
 process itself (same pid), copying back only the pages that differ.
 Because the fork is most of a checkpoint's critical path too, a *huge-page

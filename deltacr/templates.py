@@ -59,6 +59,17 @@ class TemplatePool:
     def pid(self, cid: int) -> int | None:
         return self._lru.get(cid)
 
+    def replace(self, cid: int, pid: int) -> None:
+        """Another frozen process now holds checkpoint cid's image (its spare,
+        when the template itself was resumed by a rollback)."""
+        if cid in self._lru:
+            self._lru[cid] = pid
+
+    def idle(self, cid: int) -> bool:
+        """Nothing pending reads cid's template: its delta is on disk and no
+        pending delta compares against it."""
+        return cid in self._durable and cid not in self._held
+
     def remove(self, cid: int) -> int | None:
         return self._lru.pop(cid, None)
 

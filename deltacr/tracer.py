@@ -320,6 +320,7 @@ class ProcessCheckpointer:
         self._live_depth = 0  # forks between the attached process and the live one (Checkpoint.depth)
         self._spares: dict[int, _Spare] = {}  # checkpoint id -> a stopped child of its template, ready to run
         self._no_spare: set[int] = set()  # forking a spare failed there: do not retry in a loop
+        self._resumed: set[int] = set()  # checkpoints whose template a rollback resumed (its spare took over)
         self.live_pid: int | None = pid
         self.state = "attaching"  # running | stopped | gone | closed
         self.exit_status: int | None = None
@@ -590,6 +591,29 @@ class ProcessCheckpointer:
                 return spare
         self._drop_spare(spare, wait=True)  # killed, signalled, or spares were switched off
         return None
+
+    def _may_resume_template(self, cid: int, tpl: int, ready: _Spare) -> bool:
+        """Can a rollback to cid resume the template itself, its spare (an
+        identical frozen child) taking its place? Then the restored process
+        has one fork fewer behind it than the spare would, and so has every
+        checkpoint taken from it (a fork costs more the more forks stand
+        behind the process: docs/deltacr.md, Fork chains). Only the first
+        rollback to a checkpoint does it: the template is one fork deeper
+        after, and resuming again and again would sink it further. And only
+        when the spare has no tracking armed ahead of time (pfn and compare
+        never have; an unarmed uffd-wp spare is armed on the critical path
+        either way), no pending delta reads the template, and nothing was
+        sent to it."""
+        if ready.armed is not None or cid in self._resumed:
+            return False
+        with self._lock:
+            if not self.pool.idle(cid):
+                return False
+        try:
+            wpid, _ = _sys.waitpid(tpl, _sys.WNOHANG)
+        except ChildProcessError:
+            return False
+        return wpid == 0 and not signal_pending(tpl)
 
     def _kill_spare(self, cid: int) -> None:
         self._no_spare.discard(cid)
@@ -900,6 +924,7 @@ class ProcessCheckpointer:
         new = 0
         spare = False
         ready: _Spare | None = None
+        swap = False  # the template itself is resumed; its spare becomes the template
         replayed = delta_bytes = depth = 0
         base_id: int | None = None
         try:
@@ -907,12 +932,16 @@ class ProcessCheckpointer:
             if tpl is not None:
                 ready = self._take_spare(cid)
                 spare = ready is not None
-                new = ready.pid if ready is not None else inject.fork(tpl, regs, addr)
+                swap = ready is not None and self._may_resume_template(cid, tpl, ready)
+                if swap:
+                    new, depth = tpl, ck.depth
+                else:
+                    new = ready.pid if ready is not None else inject.fork(tpl, regs, addr)
+                    depth = ck.depth + 1
                 inject.set_options(new, LIVE_OPTIONS)
                 run = self._run_in(new, regs, addr)
                 warnings += self._set_fds(new, run, ck, slow=False)
                 path = "fast"
-                depth = ck.depth + 1
             else:
                 path = "slow"
                 chain = self.session.ancestors(cid)
@@ -966,6 +995,7 @@ class ProcessCheckpointer:
                     with self._lock:
                         self.pool.add(cid, tnew)
                         self.pool.mark_durable(cid)
+                        self._resumed.discard(cid)
                         self.session.checkpoints[cid].depth = depth + 1
             try:
                 if ready is not None and ready.armed is not None:
@@ -980,6 +1010,17 @@ class ProcessCheckpointer:
             else:
                 _sys.ptrace_setregs(new, regs)
         except BaseException:
+            if swap and ready is not None:
+                # The template was only prepared (registers and offsets are
+                # set again by every restore; its memory is untouched): it
+                # stays the template, its spare stays its spare.
+                try:
+                    inject.set_options(tpl, TEMPLATE_OPTIONS)
+                except OSError:
+                    pass
+                with self._lock:
+                    self._spares[cid] = ready
+                new = 0
             if new:
                 inject.kill_and_reap(new)
                 self._orphan(new)  # a child of a frozen template: its zombie waits for that one
@@ -997,6 +1038,10 @@ class ProcessCheckpointer:
             # path (its teardown takes CPU time the new processes need now)
             self._retiring.append(old)
         with self._lock:
+            if swap and ready is not None:
+                self.pool.replace(cid, ready.pid)
+                self.session.checkpoints[cid].depth = depth + 1
+                self._resumed.add(cid)
             self._syscall_addr = addr
             self._execs.clear()
             self._live_depth = depth

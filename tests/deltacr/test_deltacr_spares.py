@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from deltacr import available_backends
+from deltacr import RollbackResult, available_backends
 from deltacr_helpers import RSEQ_SETUP, Lab, flatten, is_alive, memory_image
 
 
@@ -37,11 +37,19 @@ def test_rollback_uses_the_spare_and_restores_what_a_fork_would(lab: Lab, store:
     assert set(spares) == {c1, c2}
     assert all(is_alive(p) for p in spares.values())
 
+    templates = {int(c): int(p) for c, p in cp.status()["templates"].items()}
+
+    def used_the_spare(res: RollbackResult, cid: int) -> bool:
+        if backend == "uffd-wp":  # the spare runs: its tracking was armed ahead of time
+            return res.pid == spares[cid]
+        # the template runs and its spare, an identical frozen child, takes its place
+        return res.pid == templates[cid] and int(cp.status()["templates"][str(cid)]) == spares[cid]
+
     res = cp.rollback(c1)
-    assert res.path == "fast" and res.spare and res.pid == spares[c1]
+    assert res.path == "fast" and res.spare and used_the_spare(res, c1)
     assert r.eval("d, hash(bytes(big)) == h") == ({"k": 1}, True)
     res = cp.rollback(c2)  # its spare was made long ago: still there
-    assert res.spare and res.pid == spares[c2]
+    assert res.spare and used_the_spare(res, c2)
     assert r.eval("d['k'], bytes(big[:4])") == (2, b"WXYZ")
 
     # dirty tracking was armed in the spare (ahead of time for uffd-wp): the
@@ -122,3 +130,69 @@ def test_a_spare_that_was_sent_a_signal_is_not_used(lab: Lab, store: str) -> Non
     assert not res.spare and res.pid != spare
     assert r.eval("got") == []
     assert _wait_gone([spare]) == []
+
+
+def test_the_first_rollback_to_a_checkpoint_resumes_its_template(lab: Lab, store: str) -> None:
+    """With a spare and nothing armed ahead of time (pfn, compare), the first
+    rollback to a checkpoint resumes the template itself and its spare (an
+    identical frozen child) becomes the template: the restored process has
+    one fork fewer behind it, and so has every checkpoint taken from it (a
+    fork costs more the longer that chain, docs/deltacr.md). Later rollbacks
+    to it use spares as usual, so its template does not sink deeper."""
+    backend = "pfn" if "pfn" in available_backends() else "compare"
+    r = lab.repl("x = 0; big = bytearray(os.urandom(1 << 20))")
+    r.run(RSEQ_SETUP)
+    rseq = r.eval("RSEQ")
+    cp = lab.checkpointer(r.pid, store, backend=backend, rehydrate=False)
+    depth = lambda: {c.id: c.depth for c in cp.list()}  # noqa: E731
+    c1 = cp.checkpoint("one").id
+    template = int(cp.status()["templates"][str(c1)])
+    r.run("x = 1; big[:2] = b'01'")
+    cp.wait_background()  # c1's spare is there, its delta on disk
+    res = cp.rollback(c1)
+    assert res.spare and res.pid == template and r.eval("x, bytes(big[:2]) != b'01'") == (0, True)
+    c2 = cp.checkpoint("two").id
+    assert depth()[c1] == 2 and depth()[c2] == 2  # a spare would have made c2 3
+    r.run("x = 2")
+    cp.wait_background()
+    res = cp.rollback(c1)
+    assert res.spare and res.pid != int(cp.status()["templates"][str(c1)]) and r.eval("x") == 0
+    c3 = cp.checkpoint("three").id
+    assert depth()[c1] == 2 and depth()[c3] == 4
+    # the template c1 has now (a former spare) restores what the first did
+    cp.wait_background()
+    a = cp.rollback(c1, resume=False)
+    image_a = flatten(memory_image(a.pid), rseq)
+    cp.resume()
+    cp.spares = False
+    b = cp.rollback(c1, resume=False)
+    assert not b.spare
+    image_b = flatten(memory_image(b.pid), rseq)
+    cp.resume()
+    assert image_a.keys() == image_b.keys()
+    assert [hex(k) for k in image_a if image_a[k] != image_b[k]] == []
+    assert r.eval("x") == 0
+
+
+def test_an_abandoned_rollback_leaves_the_template_and_its_spare_as_they_were(lab: Lab, store: str) -> None:
+    from deltacr import Gate, RestoreFailed
+    backend = "pfn" if "pfn" in available_backends() else "compare"
+    r = lab.repl("x = 'one'")
+    cp = lab.checkpointer(r.pid, store, backend=backend, rehydrate=False)
+    c1 = cp.checkpoint().id
+    r.run("x = 'two'")
+    cp.wait_background()
+    st = cp.status()
+    template, spare = int(st["templates"][str(c1)]), int(st["spares"][str(c1)])
+    gate = Gate()
+    stopped, fut = cp.rollback_gated(c1, gate)
+    stopped.wait()
+    gate.open(False)  # the caller gives up: the old process goes on
+    with pytest.raises(RestoreFailed, match="abandoned"):
+        fut.result()
+    assert r.eval("x") == "two"
+    st = cp.status()
+    assert (int(st["templates"][str(c1)]), int(st["spares"][str(c1)])) == (template, spare)
+    assert is_alive(template) and is_alive(spare)
+    res = cp.rollback(c1)  # and both still restore c1
+    assert res.spare and r.eval("x") == "one"
