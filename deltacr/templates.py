@@ -59,11 +59,14 @@ class TemplatePool:
     def pid(self, cid: int) -> int | None:
         return self._lru.get(cid)
 
-    def replace(self, cid: int, pid: int) -> None:
+    def replace(self, cid: int, pid: int) -> bool:
         """Another frozen process now holds checkpoint cid's image (its spare,
-        when the template itself was resumed by a rollback)."""
-        if cid in self._lru:
-            self._lru[cid] = pid
+        when the template itself was resumed by a rollback). False if cid
+        has no template (the caller then owns pid)."""
+        if cid not in self._lru:
+            return False
+        self._lru[cid] = pid
+        return True
 
     def idle(self, cid: int) -> bool:
         """Nothing pending reads cid's template: its delta is on disk and no

@@ -320,7 +320,10 @@ class ProcessCheckpointer:
         self._live_depth = 0  # forks between the attached process and the live one (Checkpoint.depth)
         self._spares: dict[int, _Spare] = {}  # checkpoint id -> a stopped child of its template, ready to run
         self._no_spare: set[int] = set()  # forking a spare failed there: do not retry in a loop
-        self._resumed: set[int] = set()  # checkpoints whose template a rollback resumed (its spare took over)
+        # checkpoints whose template has had a child other than its current
+        # spare (a restored process, a dead spare: resumed, it would find a
+        # child it never forked) or was resumed already (see _may_resume_template)
+        self._used: set[int] = set()
         self.live_pid: int | None = pid
         self.state = "attaching"  # running | stopped | gone | closed
         self.exit_status: int | None = None
@@ -541,6 +544,7 @@ class ProcessCheckpointer:
             if spare:
                 inject.kill_and_reap(spare)
                 self._orphan(spare)
+                self._used.add(cid)  # a dead child of the template
             self._no_spare.add(cid)
             self.warnings.append(f"no spare for checkpoint {cid} (template {tpl}): {e}; "
                                  "its rollbacks fork on the critical path")
@@ -582,6 +586,7 @@ class ProcessCheckpointer:
             spare = self._spares.pop(cid, None)
         if spare is None:
             return None
+        self._used.add(cid)  # whatever happens now, the template will have had a child besides a spare
         if self.spares:
             try:
                 wpid, _ = _sys.waitpid(spare.pid, _sys.WNOHANG)
@@ -599,12 +604,15 @@ class ProcessCheckpointer:
         checkpoint taken from it (a fork costs more the more forks stand
         behind the process: docs/deltacr.md, Fork chains). Only the first
         rollback to a checkpoint does it: the template is one fork deeper
-        after, and resuming again and again would sink it further. And only
+        after, and resuming again and again would sink it further; and only
+        while the template's one child is that spare (a process restored
+        from it before, or a spare that died, would become a child the
+        resumed program never forked). And only
         when the spare has no tracking armed ahead of time (pfn and compare
         never have; an unarmed uffd-wp spare is armed on the critical path
         either way), no pending delta reads the template, and nothing was
         sent to it."""
-        if ready.armed is not None or cid in self._resumed:
+        if ready.armed is not None:
             return False
         with self._lock:
             if not self.pool.idle(cid):
@@ -617,6 +625,7 @@ class ProcessCheckpointer:
 
     def _kill_spare(self, cid: int) -> None:
         self._no_spare.discard(cid)
+        self._used.add(cid)
         with self._lock:
             spare = self._spares.pop(cid, None)
         if spare is not None:
@@ -930,9 +939,10 @@ class ProcessCheckpointer:
         try:
             addr = ck.syscall_addr
             if tpl is not None:
+                first = cid not in self._used  # _take_spare marks it
                 ready = self._take_spare(cid)
                 spare = ready is not None
-                swap = ready is not None and self._may_resume_template(cid, tpl, ready)
+                swap = ready is not None and first and self._may_resume_template(cid, tpl, ready)
                 if swap:
                     new, depth = tpl, ck.depth
                 else:
@@ -995,7 +1005,7 @@ class ProcessCheckpointer:
                     with self._lock:
                         self.pool.add(cid, tnew)
                         self.pool.mark_durable(cid)
-                        self._resumed.discard(cid)
+                        self._used.discard(cid)  # a new template, without children
                         self.session.checkpoints[cid].depth = depth + 1
             try:
                 if ready is not None and ready.armed is not None:
@@ -1020,6 +1030,7 @@ class ProcessCheckpointer:
                     pass
                 with self._lock:
                     self._spares[cid] = ready
+                    self._used.discard(cid)  # as it was: a first rollback may still resume it
                 new = 0
             if new:
                 inject.kill_and_reap(new)
@@ -1039,9 +1050,12 @@ class ProcessCheckpointer:
             self._retiring.append(old)
         with self._lock:
             if swap and ready is not None:
-                self.pool.replace(cid, ready.pid)
-                self.session.checkpoints[cid].depth = depth + 1
-                self._resumed.add(cid)
+                if self.pool.replace(cid, ready.pid):
+                    self.session.checkpoints[cid].depth = depth + 1
+                else:  # cannot happen (the pool changes on this thread only): do not leak it
+                    inject.kill_and_reap(ready.pid)
+            if path == "fast":
+                self._used.add(cid)
             self._syscall_addr = addr
             self._execs.clear()
             self._live_depth = depth

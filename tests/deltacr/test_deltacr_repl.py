@@ -320,7 +320,8 @@ def test_detach_leaves_the_process_running_untraced(lab: Lab, store: str) -> Non
     assert tracer_of(live) == 0
     assert r.eval("x + 1") == 42
     assert r.eval("os.getpid()") == live
-    assert not any(is_alive(t) for t in tpls), "templates must die on detach"
+    # (with pfn or compare a rollback may resume c2's template itself: that one lives on)
+    assert not any(is_alive(t) for t in tpls if t != live), "templates must die on detach"
     # the descriptors it had before we attached, no more: the userfaultfd we
     # planted at a high number is closed on detach
     assert sorted(os.listdir(f"/proc/{live}/fd")) == fds_before

@@ -196,3 +196,33 @@ def test_an_abandoned_rollback_leaves_the_template_and_its_spare_as_they_were(la
     assert is_alive(template) and is_alive(spare)
     res = cp.rollback(c1)  # and both still restore c1
     assert res.spare and r.eval("x") == "one"
+
+
+def test_a_template_that_had_other_children_is_not_resumed(lab: Lab, store: str) -> None:
+    # Resumed, it would find a child it never forked (a process restored
+    # from it earlier, now killed): its spare runs instead.
+    backend = "pfn" if "pfn" in available_backends() else "compare"
+    r = lab.repl("x = 'one'")
+    cp = lab.checkpointer(r.pid, store, backend=backend, rehydrate=False)
+    c1 = cp.checkpoint().id
+    template = int(cp.status()["templates"][str(c1)])
+    cp.spares = False
+    first = cp.rollback(c1)  # forked from the template: its child
+    assert not first.spare
+    cp.spares = True
+    r.run("x = 'two'")
+    cp.wait_background()
+    spare = int(cp.status()["spares"][str(c1)])
+    res = cp.rollback(c1)
+    assert res.spare and res.pid == spare and int(cp.status()["templates"][str(c1)]) == template
+    assert r.eval("x") == "one"
+    children = [p for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == res.pid]
+    assert children == [], "the restored process must have no child it did not fork"
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return -1
