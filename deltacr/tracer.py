@@ -946,6 +946,7 @@ class ProcessCheckpointer:
                 if swap:
                     new, depth = tpl, ck.depth
                 else:
+                    self._used.add(cid)  # the template gets a child now, whatever happens next
                     new = ready.pid if ready is not None else inject.fork(tpl, regs, addr)
                     depth = ck.depth + 1
                 inject.set_options(new, LIVE_OPTIONS)
@@ -982,6 +983,7 @@ class ProcessCheckpointer:
                         f"{base_id}, the nearest one with a template: a new program cannot be rebuilt from the old "
                         "one; keep more templates (--max-templates) to restore it")
                 addr = self.session.checkpoints[base_id].syscall_addr
+                self._used.add(base_id)  # its template gets a child: never resume it
                 new = inject.fork(base_pid, regs, addr)
                 depth = self.session.checkpoints[base_id].depth + 1
                 inject.set_options(new, LIVE_OPTIONS)
@@ -1054,8 +1056,8 @@ class ProcessCheckpointer:
                     self.session.checkpoints[cid].depth = depth + 1
                 else:  # cannot happen (the pool changes on this thread only): do not leak it
                     inject.kill_and_reap(ready.pid)
-            if path == "fast":
-                self._used.add(cid)
+            if swap:
+                self._used.add(cid)  # resumed once: its template is one fork deeper now
             self._syscall_addr = addr
             self._execs.clear()
             self._live_depth = depth

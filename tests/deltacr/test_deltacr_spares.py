@@ -220,6 +220,25 @@ def test_a_template_that_had_other_children_is_not_resumed(lab: Lab, store: str)
     assert children == [], "the restored process must have no child it did not fork"
 
 
+def test_a_template_the_slow_path_forked_from_is_not_resumed(lab: Lab, store: str) -> None:
+    backend = "pfn" if "pfn" in available_backends() else "compare"
+    r = lab.repl("x = 'one'")
+    cp = lab.checkpointer(r.pid, store, backend=backend, rehydrate=False)
+    c1 = cp.checkpoint().id
+    template = int(cp.status()["templates"][str(c1)])
+    r.run("x = 'two'")
+    c2 = cp.checkpoint().id
+    cp.wait_background()
+    assert cp.evict(c2)
+    slow = cp.rollback(c2)  # forked from c1's template: its child
+    assert slow.path == "slow" and slow.base == c1 and r.eval("x") == "two"
+    cp.wait_background()
+    res = cp.rollback(c1)  # the first rollback to c1, with a spare
+    assert res.spare and res.pid != template and r.eval("x") == "one"
+    children = [p for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == res.pid]
+    assert children == [], "the restored process must have no child it did not fork"
+
+
 def _ppid(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat") as f:
