@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from deltacr import RollbackResult, available_backends
-from deltacr_helpers import RSEQ_SETUP, Lab, flatten, is_alive, memory_image
+from deltacr import ProcessCheckpointer, RollbackResult, available_backends
+from deltacr_helpers import RSEQ_SETUP, Lab, Repl, flatten, is_alive, memory_image
 
 
 def _wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
@@ -198,14 +198,20 @@ def test_an_abandoned_rollback_leaves_the_template_and_its_spare_as_they_were(la
     assert res.spare and r.eval("x") == "one"
 
 
-def test_a_template_that_had_other_children_is_not_resumed(lab: Lab, store: str) -> None:
-    # Resumed, it would find a child it never forked (a process restored
-    # from it earlier, now killed): its spare runs instead.
+def _resumable_session(lab: Lab, store: str) -> tuple[Repl, ProcessCheckpointer, int, int]:
+    """A REPL (x = 'one') under a backend whose spares are not armed ahead
+    of time, its first checkpoint and that checkpoint's template pid."""
     backend = "pfn" if "pfn" in available_backends() else "compare"
     r = lab.repl("x = 'one'")
     cp = lab.checkpointer(r.pid, store, backend=backend, rehydrate=False)
     c1 = cp.checkpoint().id
-    template = int(cp.status()["templates"][str(c1)])
+    return r, cp, c1, int(cp.status()["templates"][str(c1)])
+
+
+def test_a_template_that_had_other_children_is_not_resumed(lab: Lab, store: str) -> None:
+    # Resumed, it would find a child it never forked (a process restored
+    # from it earlier, now killed): its spare runs instead.
+    r, cp, c1, template = _resumable_session(lab, store)
     cp.spares = False
     first = cp.rollback(c1)  # forked from the template: its child
     assert not first.spare
@@ -216,16 +222,11 @@ def test_a_template_that_had_other_children_is_not_resumed(lab: Lab, store: str)
     res = cp.rollback(c1)
     assert res.spare and res.pid == spare and int(cp.status()["templates"][str(c1)]) == template
     assert r.eval("x") == "one"
-    children = [p for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == res.pid]
-    assert children == [], "the restored process must have no child it did not fork"
+    assert _children(res.pid) == [], "the restored process must have no child it did not fork"
 
 
 def test_a_template_the_slow_path_forked_from_is_not_resumed(lab: Lab, store: str) -> None:
-    backend = "pfn" if "pfn" in available_backends() else "compare"
-    r = lab.repl("x = 'one'")
-    cp = lab.checkpointer(r.pid, store, backend=backend, rehydrate=False)
-    c1 = cp.checkpoint().id
-    template = int(cp.status()["templates"][str(c1)])
+    r, cp, c1, template = _resumable_session(lab, store)
     r.run("x = 'two'")
     c2 = cp.checkpoint().id
     cp.wait_background()
@@ -235,8 +236,11 @@ def test_a_template_the_slow_path_forked_from_is_not_resumed(lab: Lab, store: st
     cp.wait_background()
     res = cp.rollback(c1)  # the first rollback to c1, with a spare
     assert res.spare and res.pid != template and r.eval("x") == "one"
-    children = [p for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == res.pid]
-    assert children == [], "the restored process must have no child it did not fork"
+    assert _children(res.pid) == [], "the restored process must have no child it did not fork"
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == pid]
 
 
 def _ppid(pid: int) -> int:
