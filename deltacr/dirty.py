@@ -57,6 +57,7 @@ class DirtySet:
 
 class DirtyTracker(Protocol):
     name: str
+    prepares: bool  # prepare() arms something in a spare (setup() costs on a critical path)
 
     def setup(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> None:
         """(Re)arm tracking of a stopped process; all its pages count clean after.
@@ -81,6 +82,8 @@ class DirtyTracker(Protocol):
 
 
 class _NothingToPrepare:
+    prepares = False
+
     def prepare(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> object | None:
         return None
 
@@ -296,6 +299,7 @@ class UffdWpTracker:
     """
 
     name = "uffd-wp"
+    prepares = True
     FEATURES = _sys.UFFD_FEATURE_WP_ASYNC | _sys.UFFD_FEATURE_WP_UNPOPULATED
     TOP = (1 << 47) - _sys.PAGE_SIZE  # x86_64 user address space end (4-level paging)
 

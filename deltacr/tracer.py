@@ -376,11 +376,16 @@ class ProcessCheckpointer:
         (an operation, or a caller holding it stopped)."""
         return self.live_pid if self.state == "running" else None
 
-    def _background_may_run(self) -> bool:
+    def _tracer_idle(self) -> bool:
         """Nothing is asked of the tracer, nobody is on a critical path, and
         no command came for a moment (its caller may send the next one)."""
-        return (self._quiet.is_set() and critical.idle.is_set() and self.state == "running"
-                and self._tracer.q.empty() and time.monotonic() - self._tracer.last_command > SPARE_QUIET)
+        return (self._tracer.q.empty() and critical.idle.is_set()
+                and time.monotonic() - self._tracer.last_command > SPARE_QUIET)
+
+    def _background_may_run(self) -> bool:
+        """The huge-page keeper's test: the tracer idle, no command running,
+        the process running."""
+        return self._quiet.is_set() and self.state == "running" and self._tracer_idle()
 
     def _watch(self) -> None:
         """Wake the tracer thread the moment the running process has an event
@@ -516,8 +521,7 @@ class ProcessCheckpointer:
                             pass
             # reaped by init, or never ours: forget them (a pid is reused)
             self._orphans = {p for p in self._orphans if os.path.exists(f"/proc/{p}")}
-        if (not busy and self._tracer.q.empty() and critical.idle.is_set()
-                and time.monotonic() - self._tracer.last_command > SPARE_QUIET):
+        if not busy and self._tracer_idle():
             busy = self._make_spare()
         return busy
 
@@ -597,7 +601,7 @@ class ProcessCheckpointer:
         self._drop_spare(spare, wait=True)  # killed, signalled, or spares were switched off
         return None
 
-    def _may_resume_template(self, cid: int, tpl: int, ready: _Spare) -> bool:
+    def _may_resume_template(self, cid: int, tpl: int) -> bool:
         """Can a rollback to cid resume the template itself, its spare (an
         identical frozen child) taking its place? Then the restored process
         has one fork fewer behind it than the spare would, and so has every
@@ -608,11 +612,11 @@ class ProcessCheckpointer:
         while the template's one child is that spare (a process restored
         from it before, or a spare that died, would become a child the
         resumed program never forked). And only
-        when the spare has no tracking armed ahead of time (pfn and compare
-        never have; an unarmed uffd-wp spare is armed on the critical path
-        either way), no pending delta reads the template, and nothing was
-        sent to it."""
-        if ready.armed is not None:
+        with a backend that arms nothing in spares ahead of time (pfn,
+        compare: the template would have to be armed on the critical path
+        otherwise), when no pending delta reads the template and nothing
+        was sent to it."""
+        if self.tracker.prepares:
             return False
         with self._lock:
             if not self.pool.idle(cid):
@@ -942,7 +946,7 @@ class ProcessCheckpointer:
                 first = cid not in self._used  # _take_spare marks it
                 ready = self._take_spare(cid)
                 spare = ready is not None
-                swap = ready is not None and first and self._may_resume_template(cid, tpl, ready)
+                swap = ready is not None and first and self._may_resume_template(cid, tpl)
                 if swap:
                     new, depth = tpl, ck.depth
                 else:
@@ -1051,12 +1055,12 @@ class ProcessCheckpointer:
             # path (its teardown takes CPU time the new processes need now)
             self._retiring.append(old)
         with self._lock:
-            if swap and ready is not None:
+            if swap:
+                assert ready is not None
                 if self.pool.replace(cid, ready.pid):
                     self.session.checkpoints[cid].depth = depth + 1
                 else:  # cannot happen (the pool changes on this thread only): do not leak it
                     inject.kill_and_reap(ready.pid)
-            if swap:
                 self._used.add(cid)  # resumed once: its template is one fork deeper now
             self._syscall_addr = addr
             self._execs.clear()
