@@ -682,6 +682,32 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _breakdown(dname: str, d: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    """The critical-path parts, the fork by chain depth and the restore paths
+    of one DeltaBox configuration."""
+    out: list[str] = []
+    items = [("checkpoint, caller", "checkpoint_ms"),
+             ("checkpoint critical_ms (reported)", "checkpoint_critical_ms")]
+    items += [(f"  {k} (CheckpointReport)", f"checkpoint_{k}") for k in d["checkpoint_parts"]]
+    items += [("rollback, caller", "rollback_ms"), ("rollback ms (reported)", "rollback_reported_ms")]
+    items += [(f"  {k} (RollbackReport)", f"rollback_{k}") for k in d["rollback_parts"]]
+    rows = [[label, d.get(key, {}).get("mean"), d.get(key, {}).get("p50"), d.get(key, {}).get("p99"),
+             d.get(key, {}).get("max")] for label, key in items]
+    out.append(table(f"{dname} breakdown (ms)", ["", "mean", "p50", "p99", "max"], rows))
+    chain = d.get("fork_by_depth")
+    if chain:
+        out.append(table(f"{dname}: template fork by fork-chain depth (the deepest template of each "
+                         "checkpoint; deltacr Checkpoint.depth)",
+                         ["depth", "checkpoints", "fork_ms p50", "critical_ms p50"],
+                         [[k, v["n"], v["fork_p50"], v["critical_p50"]] for k, v in chain.items()]))
+    r = report["results"][dname]
+    out.append(f"{dname}: process restore paths over all rollbacks (bash + python): "
+               f"{d.get('rollback_paths')}; max_templates {report['config']['max_templates']}; REPL RSS "
+               f"{r.get('repl_rss_mb') or 0:.0f} MB; final wait_background {r['final_wait_background_s']:.2f} s "
+               f"(inside e2e); huge-page keeper: {r.get('hugepages')}\n")
+    return out
+
+
 def render(report: dict[str, Any]) -> str:
     an = report["analysis"]
     cfg = report["config"]
@@ -708,27 +734,7 @@ def render(report: dict[str, Any]) -> str:
     for dname in ("deltabox", "deltabox-4k"):
         d = an.get(dname)
         if d and "error" not in d:
-            rows = []
-            items = [("checkpoint, caller", "checkpoint_ms"),
-                     ("checkpoint critical_ms (reported)", "checkpoint_critical_ms")]
-            items += [(f"  {k} (CheckpointReport)", f"checkpoint_{k}") for k in d["checkpoint_parts"]]
-            items += [("rollback, caller", "rollback_ms"), ("rollback ms (reported)", "rollback_reported_ms")]
-            items += [(f"  {k} (RollbackReport)", f"rollback_{k}") for k in d["rollback_parts"]]
-            for label, key in items:
-                s = d.get(key, {})
-                rows.append([label, s.get("mean"), s.get("p50"), s.get("p99"), s.get("max")])
-            out.append(table(f"{dname} breakdown (ms)", ["", "mean", "p50", "p99", "max"], rows))
-            chain = d.get("fork_by_depth")
-            if chain:
-                out.append(table(f"{dname}: template fork by fork-chain depth (the deepest template of each "
-                                 "checkpoint; deltacr Checkpoint.depth)",
-                                 ["depth", "checkpoints", "fork_ms p50", "critical_ms p50"],
-                                 [[k, v["n"], v["fork_p50"], v["critical_p50"]] for k, v in chain.items()]))
-            out.append(f"{dname}: process restore paths over all rollbacks (bash + python): "
-                       f"{d.get('rollback_paths')}; max_templates {cfg['max_templates']}; REPL RSS "
-                       f"{report['results'][dname].get('repl_rss_mb') or 0:.0f} MB; final "
-                       f"wait_background {report['results'][dname]['final_wait_background_s']:.2f} s "
-                       f"(inside e2e); huge-page keeper: {report['results'][dname].get('hugepages')}\n")
+            out += _breakdown(dname, d, report)
     d = an.get("deltabox")
     rows = []
     for name in ORDER:
