@@ -123,7 +123,7 @@ def _wait_stop(pid: int) -> int | None:
             try:
                 with open(f"/proc/{pid}/stat", "rb") as f:
                     state = f.read().rsplit(b")", 1)[1].split()[0]
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):  # gone, or being reaped as we read
                 state = b"X"
             if state == b"t" and now - t0 > 0.2:
                 return None
