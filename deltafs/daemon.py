@@ -109,6 +109,24 @@ class Filesystem:
         self.blobs.delete(stray)
 
     async def control(self, req: dict[str, Any]) -> Any:
+        self.view.commit_batch()
+        try:
+            return await self._control(req)
+        finally:
+            self.view.commit_batch()
+
+    def _lost(self, keys: list[tuple[bytes, bytes]]) -> None:
+        """A batch of answered operations failed to commit: the kernel must
+        forget what they changed."""
+        async def forget() -> None:
+            try:
+                await trio.to_thread.run_sync(invalidate, keys)
+            except Exception:  # noqa: BLE001 - nobody to report to
+                log.exception("forgetting the lost operations' cache entries failed")
+        if self.nursery is not None:
+            self.nursery.start_soon(forget)
+
+    async def _control(self, req: dict[str, Any]) -> Any:
         op = req.get("op")
         view = self.view
         if op == "checkpoint":
@@ -188,6 +206,7 @@ class Filesystem:
                 self.view.write_back(self.flusher.start_writeback)
             except Exception:  # only an optimisation: a checkpoint flushes all the same
                 log.exception("background write-back failed")
+            self.view.commit_batch()
 
     def _flush_job(self, blobs: set[int]) -> Callable[[], None]:
         """Making ``blobs`` and the index durable, to run here or in a worker
@@ -246,6 +265,7 @@ class Filesystem:
 
     def close(self) -> None:
         self.view.flush_dirty()
+        self.view.commit_batch()
         if self._lazy:  # lazily committed checkpoints the background task did not reach
             self._flush_job(self._lazy)()
             self._lazy = set()
@@ -396,6 +416,11 @@ def serve(mountpoint: str, store: str, base: str | None, options: list[str],
             log.warning("stock pyfuse3: every open and directory listing costs a request "
                         "to this daemon; ./run.sh installs the deltafs build of pyfuse3")
         configure_request_spin()
+        if hasattr(pyfuse3, "set_before_wait") and os.environ.get("DELTAFS_BATCH", "1") != "0":
+            # group commit: the request loop commits the batch before it waits
+            fs.view.batching = True
+            fs.view.on_lost = fs._lost
+            pyfuse3.set_before_wait(fs.view.commit_batch)
         pyfuse3.init(Operations(fs.view, store, inode_handles=not handles), mp, opts)
         mounted = True
     except (DeltaFSError, OSError, RuntimeError) as e:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import errno
 import itertools
+import logging
 import os
 import stat
 import time
@@ -39,7 +40,9 @@ from .index import ENT, INO, XAT, Index
 from .records import F_BASE, F_OWNED, L_DROPPED, L_FROZEN, NO_BLOB, Inode, Layer, from_u64, u64
 
 ROOT = 1
+log = logging.getLogger("deltafs")
 _CACHE_MAX = 200_000  # entries per cache; past that, lookups go to the index
+_BATCH_MAX = 256  # operations per group commit at most (a burst of requests is 64)
 _FILES_MAX = 512  # open contents kept for inode-named requests; the least recent go first
 _LISTINGS_MAX = 16  # directory listings kept while a reader pages through them
 
@@ -101,6 +104,16 @@ class View:
         self._pending: dict[Any, Any] | None = None
         self._doomed: list[int] | None = None
         self._undo: list[Callable[[], None]] | None = None
+        # group commit (see _write): the open outer transaction and what its
+        # operations leave to do once it commits, or to take back if it fails
+        self.batching = False
+        self._txn: Any = None  # the write transaction of the operation in progress
+        self._batch: Any = None
+        self._batch_ops = 0
+        self._batch_doomed: list[int] = []
+        self._batch_undo: list[Callable[[], None]] = []
+        self._batch_keys: set[Any] = set()
+        self.on_lost: Callable[[list[tuple[bytes, bytes]]], None] | None = None
         self.files: dict[int, OpenData] = {}
         self.orphans: dict[int, Inode] = {}  # unlinked while open: fstat still works
         # True when the kernel opens files without telling us (no OPEN and
@@ -141,22 +154,86 @@ class View:
         doomed: list[int] = []
         undo: list[Callable[[], None]] = []
         self._doomed, self._undo = doomed, undo
+        outer = self._batch
+        if outer is None and self.batching:
+            outer = self._batch = self.idx.begin(write=True)
         try:
-            with self.idx.begin(write=True) as txn:
-                yield txn
+            if outer is None:
+                with self.idx.begin(write=True) as txn:
+                    self._txn = txn
+                    yield txn
+            else:
+                with self.idx.env.begin(write=True, parent=outer) as txn:
+                    self._txn = txn
+                    yield txn
         except BaseException:
             for fn in reversed(undo):
                 fn()
             raise
         finally:
-            self._pending = None
+            self._pending = self._txn = None
             self._doomed, self._undo = None, None
-        if doomed:
-            self.blobs.delete(doomed)
+        if outer is None:
+            if doomed:
+                self.blobs.delete(doomed)
+        else:
+            self._batch_doomed.extend(doomed)
+            self._batch_undo.extend(undo)
+            self._batch_keys.update(pending)
+            self._batch_ops += 1
         for key, val in pending.items():
             cache = self._icache if isinstance(key, int) else self._ecache
             if val is not None and len(cache) < _CACHE_MAX:
                 cache[key] = val
+        if outer is not None and self._batch_ops >= _BATCH_MAX:
+            self.commit_batch()
+
+    @contextmanager
+    def _read(self) -> Iterator[Any]:
+        """A transaction to read in: the operation's own (inside ``_write``),
+        the open batch, whose changes are not committed yet, or a read-only one."""
+        if self._txn is not None:
+            yield self._txn
+        elif self._batch is not None:
+            yield self._batch
+        else:
+            with self.idx.begin() as txn:
+                yield txn
+
+    def _write_alone(self) -> Any:
+        """A top-level write transaction (checkpoints, rollbacks, merges):
+        the batch is committed first, LMDB has one writer."""
+        self.commit_batch()
+        return self.idx.begin(write=True)
+
+    def commit_batch(self) -> list[tuple[bytes, bytes]]:
+        """Commit the operations batched so far. Returns [] -- or, when the
+        commit fails, the keys those operations changed (also handed to
+        ``on_lost``), whose kernel cache entries are then stale: the
+        operations are lost, their in-memory effects taken back. The error
+        is logged, not raised: the requests were answered already."""
+        txn = self._batch
+        if txn is None:
+            return []
+        self._batch = None
+        doomed, undo, keys = self._batch_doomed, self._batch_undo, self._batch_keys
+        self._batch_doomed, self._batch_undo, self._batch_keys = [], [], set()
+        self._batch_ops = 0
+        try:
+            txn.commit()
+        except Exception as e:  # noqa: BLE001 - reported through the return value
+            log.error("committing %d batched operations failed, they are lost: %s", len(keys), e)
+            for fn in reversed(undo):
+                fn()
+            self.clear_caches()
+            lost = sorted((INO, u64(k)) if isinstance(k, int) else (ENT, _entry_key(*k))
+                          for k in keys)
+            if self.on_lost is not None:
+                self.on_lost(lost)
+            return lost
+        if doomed:
+            self.blobs.delete(doomed)
+        return []
 
     def _touch(self, key: Any, val: Any) -> None:
         if isinstance(key, int):
@@ -215,11 +292,15 @@ class View:
         self.idx.remove(txn, ENT, _entry_key(parent, name))
 
     def getattr(self, ino: int) -> Inode:
-        with self.idx.begin() as txn:
+        # what inode() would answer from memory, without a transaction
+        rec = self.dirty.get(ino) or self._icache.get(ino)
+        if rec is not None:
+            return rec
+        with self._read() as txn:
             return self.must(txn, ino)
 
     def lookup(self, parent: int, name: bytes) -> Inode | None:
-        with self.idx.begin() as txn:
+        with self._read() as txn:
             p = self.must(txn, parent)
             if not stat.S_ISDIR(p.mode):
                 raise FSError(errno.ENOTDIR)
@@ -238,7 +319,7 @@ class View:
     def readdir_from(self, ino: int, after: int) -> Iterator[tuple[int, bytes, Inode]]:
         """The entries of directory ``ino`` past offset ``after`` (0: all),
         as (offset, name, inode), in offset order."""
-        with self.idx.begin() as txn:
+        with self._read() as txn:
             entries = self._listings.get(ino)
             if entries is None:
                 d = self.must(txn, ino)
@@ -513,7 +594,7 @@ class View:
     # -- xattrs ----------------------------------------------------------------
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        with self.idx.begin() as txn:
+        with self._read() as txn:
             self.must(txn, ino)
             r = self.idx.visible(txn, XAT, u64(ino) + name + b"\0")
             if r is None or not r[1]:
@@ -528,7 +609,7 @@ class View:
             self._put_inode(txn, rec)
 
     def listxattr(self, ino: int) -> list[bytes]:
-        with self.idx.begin() as txn:
+        with self._read() as txn:
             self.must(txn, ino)
             return [rest[:-1] for rest, _l, v in self.idx.scan_visible(txn, XAT, u64(ino)) if v]
 
@@ -766,7 +847,7 @@ class View:
         the background for ``durable=False``)."""
         self.flush_dirty()
         idx = self.idx
-        with idx.begin(write=True) as txn:
+        with self._write_alone() as txn:
             old = idx.layers[idx.live]
             old.flags |= L_FROZEN
             old.label = label
@@ -801,7 +882,7 @@ class View:
         old = idx.layers[idx.live]
         old_chain, new_chain = set(idx.chain(old.id)), set(idx.chain(cid))
         changed: set[tuple[bytes, bytes]] = set()
-        with idx.begin(write=True) as txn:
+        with self._write_alone() as txn:
             for lid in old_chain ^ new_chain:
                 changed.update(c for c in idx.changes(txn, lid) if c[0] != b"b")
             old.flags |= L_DROPPED
@@ -843,7 +924,7 @@ class View:
             for lay in [x for x in idx.layers.values() if x.dropped]:
                 if len(lay.children) > 1:
                     continue
-                with idx.begin(write=True) as txn:
+                with self._write_alone() as txn:
                     if not lay.children:
                         blobs = idx.delete_layer_keys(txn, lay.id)
                     else:
@@ -933,6 +1014,6 @@ class View:
                     elif xa != xb or ra[0] != rb[0]:
                         modified.append(p)
 
-        with idx.begin() as txn:
+        with self._read() as txn:
             walk(txn, ROOT, ROOT, "")
         return Diff(sorted(added), sorted(modified), sorted(deleted))

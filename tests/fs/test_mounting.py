@@ -198,3 +198,38 @@ def test_the_kernel_opens_files_and_lists_directories_from_its_cache(env: Env) -
     # stock one every open() and every directory listing costs a request.
     assert INODE_HANDLES_AVAILABLE, "pyfuse3 is the stock build: run ./run.sh to set up"
     assert env.m.status()["kernel_opens"] is True
+
+
+BURST = r"""
+import os, sys
+root = sys.argv[1]
+os.mkdir(os.path.join(root, "burst"))
+for i in range(400):
+    with open(os.path.join(root, "burst", f"f{i}"), "w") as f:
+        f.write(f"content {i}\n")
+for i in range(0, 400, 3):
+    os.unlink(os.path.join(root, "burst", f"f{i}"))
+os.rename(os.path.join(root, "burst"), os.path.join(root, "moved"))
+"""
+
+
+def test_answered_changes_survive_kill_9_once_the_daemon_is_idle(tmp_path: Path) -> None:
+    """The daemon commits requests that come back to back together (group
+    commit), before it waits for more: a burst of changes that a program
+    finished survives a kill -9 of the daemon right after."""
+    mnt, base = tmp_path / "mnt", tmp_path / "base"
+    mnt.mkdir()
+    base.mkdir()
+    store = tmp_path / "store"
+    m = deltafs.mount(str(mnt), base=str(base), store=str(store))
+    try:
+        pid = m.status()["pid"]  # asked first: a control request commits the batch
+        subprocess.run([sys.executable, "-c", BURST, str(mnt)], check=True, timeout=60)
+        want = tree_digest(mnt)
+        os.kill(pid, signal.SIGKILL)
+        m.close()
+        m = deltafs.mount(str(mnt), base=str(base), store=str(store))
+        assert tree_digest(mnt) == want
+        assert len(os.listdir(mnt / "moved")) == 400 - len(range(0, 400, 3))
+    finally:
+        teardown(mnt, m)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from deltafs.daemon import Filesystem
-from deltafs.index import INO, Index
+from deltafs.index import ENT, INO, Index
 from deltafs.records import u64
-from deltafs.view import ROOT
+from deltafs.view import ROOT, _entry_key
 
 
 def test_a_transaction_that_cannot_commit_loses_no_file(tmp_path: Path,
@@ -53,6 +53,92 @@ def test_a_transaction_that_cannot_commit_loses_no_file(tmp_path: Path,
         assert os.path.exists(os.path.join(str(tmp_path / "store"), "blobs", v.blobs.name(blob)))
         v.unlink(ROOT, b"keep", want_dir=False)  # and once the disk has room, it goes
         assert v.lookup(ROOT, b"keep") is None
+    finally:
+        fs.close()
+        os.close(base_fd)
+
+
+def _open_view(tmp_path: Path) -> tuple[Filesystem, int]:
+    (tmp_path / "base").mkdir(exist_ok=True)
+    (tmp_path / "store").mkdir(exist_ok=True)
+    base_fd = os.open(tmp_path / "base", os.O_RDONLY | os.O_DIRECTORY)
+    return Filesystem(str(tmp_path / "store"), base_fd, "test base"), base_fd
+
+
+def test_a_batch_of_operations_is_atomic_per_operation_and_durable_once_committed(
+        tmp_path: Path) -> None:
+    # Group commit: operations share one open transaction, each in its own
+    # child; a failing one leaves the others, reads see the batch before it
+    # commits, and a store opened again sees exactly what was committed.
+    fs, base_fd = _open_view(tmp_path)
+    try:
+        v = fs.view
+        v.batching = True
+        d = v.make(ROOT, b"d", stat.S_IFDIR | 0o755, 0, 0)
+        v.make(d.ino, b"inside", stat.S_IFREG | 0o644, 0, 0)
+        with pytest.raises(OSError) as e:
+            v.unlink(ROOT, b"d", want_dir=True)  # not empty: this child aborts alone
+        assert e.value.errno == errno.ENOTEMPTY
+        v.make(ROOT, b"after", stat.S_IFREG | 0o644, 0, 0)
+        assert v._batch is not None, "the operations were not batched"
+        assert v.lookup(d.ino, b"inside") is not None and v.lookup(ROOT, b"after") is not None
+        assert v.commit_batch() == []
+        assert v._batch is None
+        v.make(ROOT, b"uncommitted", stat.S_IFREG | 0o644, 0, 0)  # a crash loses this one
+        v.idx.env.sync(True)
+        fs.view._batch.abort()  # what kill -9 does to an open transaction
+        fs.view._batch = None
+    finally:
+        fs.close()
+        os.close(base_fd)
+    fs, base_fd = _open_view(tmp_path)
+    try:
+        v = fs.view
+        d2 = v.lookup(ROOT, b"d")
+        assert d2 is not None and v.lookup(d2.ino, b"inside") is not None
+        assert v.lookup(ROOT, b"after") is not None
+        assert v.lookup(ROOT, b"uncommitted") is None
+    finally:
+        fs.close()
+        os.close(base_fd)
+
+
+def test_a_batch_that_cannot_commit_is_taken_back_and_reported(tmp_path: Path) -> None:
+    # The requests of a batch were answered before it commits; if the commit
+    # fails (a full disk), their effects are taken back in memory, nothing
+    # they doomed is deleted, and the keys they changed are handed over so
+    # that the kernel forgets its cached view of them.
+    fs, base_fd = _open_view(tmp_path)
+    try:
+        v = fs.view
+        keep = v.make(ROOT, b"keep", stat.S_IFREG | 0o644, 0, 0)
+        v.write(v.content(keep.ino), 0, b"precious" * 100)
+        v.flush_dirty()
+        blob = v.getattr(keep.ino).blob
+        lost: list[list[tuple[bytes, bytes]]] = []
+        v.on_lost = lost.append
+        v.batching = True
+        v.unlink(ROOT, b"keep", want_dir=False)
+        v.make(ROOT, b"new", stat.S_IFREG | 0o644, 0, 0)
+        assert v.lookup(ROOT, b"keep") is None
+
+        class FullDisk:
+            def __init__(self, txn: object) -> None:
+                self.txn = txn
+
+            def commit(self) -> None:
+                self.txn.abort()  # type: ignore[attr-defined]
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        v._batch = FullDisk(v._batch)
+        got = v.commit_batch()
+        assert got and lost == [got]
+        assert (ENT, _entry_key(ROOT, b"keep")) in got and (ENT, _entry_key(ROOT, b"new")) in got
+        found = v.lookup(ROOT, b"keep")
+        assert found is not None and found.ino == keep.ino
+        assert v.lookup(ROOT, b"new") is None
+        assert v.read(v.content(keep.ino), 0, 1 << 20) == b"precious" * 100
+        assert os.path.exists(os.path.join(str(tmp_path / "store"), "blobs", v.blobs.name(blob)))
     finally:
         fs.close()
         os.close(base_fd)
