@@ -63,10 +63,11 @@ once it is done. A mount after a crash that left a flush pending flushes
 the store's filesystem first. (Decision: until 2026-11-26 the disk flush
 was on the checkpoint's path by default, 0.5-10 ms of it; the sandbox never
 waited for it, and neither did the crash model of issue 2, which is kill -9
-of the daemon.) Caveats: writes through a writable
-``mmap`` are not tracked specially (they reach us via the kernel like any
-write), base xattrs are not imported, and the base must not change while a
-store uses it.
+of the daemon.) Pages written through a shared ``mmap`` are held back by
+the kernel; ``Mount.checkpoint`` and ``Mount.rollback`` have it write them
+back first (``syncfs``), so that a checkpoint contains them and a rollback
+never receives the discarded state's pages later. Caveats: base xattrs are
+not imported, and the base must not change while a store uses it.
 """
 
 from .client import Mount, default_store, force_unmount, mount

@@ -7,6 +7,7 @@ open so that a checkpoint costs one round trip.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from .mounts import canonical, is_dead, store_of, top_mount
 from .view import CheckpointInfo, Diff
 
 DEFAULT_STORE_ROOT = "/var/lib/deltafs"
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def default_store(mountpoint: str) -> str:
@@ -141,7 +143,29 @@ class Mount:
     def checkpoint_timed(self, label: str = "", durable: bool = False) -> dict[str, Any]:
         """``checkpoint`` with the daemon's timings: ``id``, ``ms`` (all of
         it), ``freeze_ms`` (the layer switch), ``sync_ms`` (making it durable)."""
+        self._write_back_mapped()
         return dict(self._call("checkpoint", label=label, durable=durable))
+
+    def _write_back_mapped(self) -> None:
+        """Have the kernel send the daemon the pages written through shared
+        mmaps (the only writes it holds back: write() goes through at once),
+        so that a checkpoint contains them and a rollback does not receive
+        the discarded state's pages later. syncfs() can return before the
+        daemon has read the WRITE requests it queued (seen here: 1 run in 4
+        without what follows), so a STATFS, which the kernel always sends,
+        goes after them: the daemon answers requests in order. About 30 us;
+        syncfs() of a mount with nothing dirty costs about one."""
+        try:
+            fd = os.open(self.mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return  # a dead or foreign mount: the control request says what is wrong
+        try:
+            if _libc.syncfs(fd) == 0:
+                os.fstatvfs(fd)
+        except OSError:
+            pass  # as above
+        finally:
+            os.close(fd)
 
     def sync(self) -> float:
         """Wait until every checkpoint is on disk (see ``checkpoint()``);
@@ -151,6 +175,7 @@ class Mount:
     def rollback(self, cid: int) -> dict[str, Any]:
         """Make the mount show exactly checkpoint ``cid``; unsaved changes are
         discarded, every checkpoint stays available."""
+        self._write_back_mapped()
         return dict(self._call("rollback", id=cid))
 
     def list(self) -> list[CheckpointInfo]:
