@@ -16,6 +16,7 @@ from typing import Any
 
 from . import errors
 from .daemon import workdir_of
+from .sandbox import check_name
 from .errors import DeltaBoxError, NameInUse, SandboxStopped
 
 USAGE = """\
@@ -151,6 +152,9 @@ def _run(a: argparse.Namespace) -> int:
         cmd = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
         if not cmd:
             raise DeltaBoxError("nothing to run: deltabox run [--base DIR] [--name NAME] -- CMD...")
+        check_name(a.name)  # before anything is created
+        if a.proc is not None:
+            check_name(a.proc, "process")
         if not _running(a.name):
             if not a.base:
                 raise DeltaBoxError(f"sandbox {a.name!r} does not exist: give --base DIR to create it")

@@ -26,13 +26,15 @@ from dataclasses import asdict
 from typing import Any
 
 from .errors import DeltaBoxError
-from .sandbox import Proc, Sandbox
+from .sandbox import Proc, Sandbox, check_name
 
 STATE_ROOT = "/var/lib/deltabox"
 
 
 def workdir_of(name: str) -> str:
-    return os.path.join(STATE_ROOT, name)
+    """The sandbox's directory; BadName for a name that is not a plain one
+    (``../x`` or ``/`` would make the CLI clear and mount someone else's)."""
+    return os.path.join(STATE_ROOT, check_name(name))
 
 
 def write_record(workdir: str, rec: dict[str, Any]) -> None:

@@ -15,6 +15,11 @@ class SandboxStopped(DeltaBoxError):
     """The sandbox was stopped (or its daemon died): nothing to operate on."""
 
 
+class BadName(DeltaBoxError):
+    """A sandbox or process name that could escape its directory or is not
+    a plain name (see ``deltabox.sandbox.check_name``)."""
+
+
 class NameInUse(DeltaBoxError):
     """A sandbox or process name that is already taken."""
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import select
 import shutil
 import signal
@@ -43,7 +44,7 @@ from typing import IO
 import deltacr
 import deltafs
 
-from .errors import DeltaBoxError, NameInUse, RollbackFailed, SandboxStopped, UnknownState
+from .errors import BadName, DeltaBoxError, NameInUse, RollbackFailed, SandboxStopped, UnknownState
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,21 @@ class RollbackReport:
     # name -> "spare" (the template's pre-forked child), "fast" (forked from
     # the template now) or "slow" (an older template plus memory deltas)
     paths: dict[str, str] = field(default_factory=dict)
+
+
+# A name becomes a path component (the CLI's /var/lib/deltabox/NAME, a
+# process's store and log): letters, digits, '.', '_', '-', not starting with
+# '.' or '-' (no '..', no hidden file, no option look-alike), short enough
+# for a Unix socket path under the workdir.
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+
+
+def check_name(name: str, what: str = "sandbox") -> str:
+    """``name`` if it is a safe plain name, else BadName saying what is allowed."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise BadName(f"{what} name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+                      "starting with a letter, digit or '_' (it becomes a directory name)")
+    return name
 
 
 def read_until(fd: int, buf: bytes, marker: bytes | str, timeout: float,
@@ -203,7 +219,10 @@ class Sandbox:
         """Start ``argv`` with its cwd inside the sandbox, stdin/stdout as
         pipes (stderr joins stdout), and start tracing it."""
         self._require_open()
-        name = name or f"{os.path.basename(argv[0])}-{len(self.procs) + 1}"
+        if name is None:
+            name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(argv[0]) if argv else "proc").lstrip(".-")
+            name = f"{name[:50] or 'proc'}-{len(self.procs) + 1}"
+        check_name(name, "process")
         if name in self.procs:
             raise NameInUse(f"a process named {name!r} already runs in this sandbox: pick another name")
         popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

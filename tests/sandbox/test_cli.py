@@ -83,3 +83,20 @@ def test_kill_9_of_the_daemon_then_clean_stop(tmp_path: Path, name: str) -> None
     for pid in procs:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     assert os.path.isdir(f"/var/lib/deltabox/{name}/store/fs/index"), "the store stays intact"
+
+
+@pytest.mark.parametrize("args", [["--name", "../../../tmp/x/trav"], ["--name", "/"], ["--name", ".."],
+                                  ["--name", "ok", "--proc", "../p"], ["--name", "ok", "--proc", "."]])
+def test_names_that_could_escape_are_refused(tmp_path: Path, args: list[str]) -> None:
+    victim = tmp_path / "x" / "trav"
+    (victim / "store").mkdir(parents=True)
+    (victim / "store" / "keep").write_text("precious")
+    base = tmp_path / "repo"
+    base.mkdir()
+    r = cli("run", "--base", str(base), *args, "--", "sleep", "100")
+    assert r.returncode == 1 and "not allowed" in r.stderr, r.stderr
+    assert (victim / "store" / "keep").read_text() == "precious"
+    assert not os.path.exists("/var/lib/deltabox/ok"), "a bad --proc is refused before the sandbox starts"
+    for cmd in (["checkpoint", "../x"], ["stop", "/"], ["list", ".."]):
+        r = cli(*cmd)
+        assert r.returncode == 1 and "not allowed" in r.stderr, r.stderr

@@ -209,3 +209,16 @@ def test_files_held_open_in_append_mode_across_a_rollback(sb: deltabox.Sandbox) 
     ask(py, "os.write(fd, b'py after\\n')")
     ask(sh, "echo 'sh after' >&3")
     assert log.read_bytes() == b"py start\nsh start\npy after\nsh after\n"
+
+
+@pytest.mark.parametrize("bad", ["../../x", "/", ".", "..", "a/b", "", ".hidden", "-rf", "x" * 65, "a b"])
+def test_process_names_that_could_escape_are_refused(sb: deltabox.Sandbox, bad: str) -> None:
+    with pytest.raises(deltabox.BadName, match="not allowed"):
+        sb.spawn(["true"], name=bad)
+    assert not sb.procs
+    assert sorted(os.listdir(sb.store)) == ["fs"], "nothing was created for it"
+
+
+def test_default_process_names_are_safe(sb: deltabox.Sandbox) -> None:
+    p = sb.spawn(["/bin/cat"])
+    assert p.name == "cat-1"
