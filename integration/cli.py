@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from . import errors
+from . import _proc, errors
 from .daemon import workdir_of
 from .sandbox import check_name
 from .errors import DeltaBoxError, NameInUse, SandboxStopped
@@ -84,27 +84,35 @@ def _start(name: str, base: str) -> None:
 
 
 def _stop_dead(name: str) -> None:
-    """Clean up after a daemon that is gone: end its processes, unmount."""
+    """Clean up after a daemon that is gone: end its processes, unmount.
+
+    The record may be old (written before a reboot, or long ago): a pid in
+    it is killed only if it still names the same process, same boot and
+    same start time (see ``_proc``); a record without those names none."""
     workdir = workdir_of(name)
     try:
         with open(os.path.join(workdir, "sandbox.json")) as f:
             rec = json.load(f)
     except (FileNotFoundError, ValueError):
         return
-    for pid in [rec.get("daemon"), *rec.get("procs", {}).values()]:
-        if pid:
+    if not isinstance(rec, dict):
+        rec = {}
+    now = _proc.boot_id()
+    procs = rec.get("procs")
+    for ident in [rec.get("daemon"), *(procs.values() if isinstance(procs, dict) else ())]:
+        if _proc.is_same(ident, rec.get("boot", ""), now):
             try:
-                os.kill(int(pid), signal.SIGKILL)
+                os.kill(int(ident[0]), signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    root = rec.get("root")
-    if root:
-        import deltafs
+    # the mount point is where this name's sandbox mounts, whatever the record says
+    root = os.path.join(workdir, "root")
+    import deltafs
 
-        try:
-            deltafs.Mount(root).unmount()
-        except deltafs.DeltaFSError:
-            deltafs.force_unmount(root)
+    try:
+        deltafs.Mount(root).unmount()
+    except deltafs.DeltaFSError:
+        deltafs.force_unmount(root)
     for f in ("sandbox.json", "control.sock"):
         try:
             os.unlink(os.path.join(workdir, f))

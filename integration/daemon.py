@@ -3,7 +3,8 @@
 Layout of ``/var/lib/deltabox/NAME`` (the sandbox's workdir): ``root/`` the
 mount point the processes work in, ``store/`` the DeltaFS and DeltaCR
 stores, ``sandbox.json`` what a later ``deltabox stop`` needs even if this
-daemon died (its pid, the mount, the live pids), ``control.sock``, and per
+daemon died (the boot id, its pid and the live pids, each with its start
+time so that a stale record kills nothing else), ``control.sock``, and per
 process ``procs/NAME.log`` with everything it printed. A process's stdin is
 a pipe the daemon keeps open, so programs that read stdin do not see EOF.
 
@@ -25,6 +26,7 @@ import traceback
 from dataclasses import asdict
 from typing import Any
 
+from . import _proc
 from .errors import DeltaBoxError
 from .sandbox import Proc, Sandbox, check_name
 
@@ -51,15 +53,19 @@ class Host:
         self.workdir = workdir
         self.lock = threading.Lock()
         self.sb = Sandbox(base, workdir=workdir)
+        self.boot = _proc.boot_id()
         self.pumps: list[threading.Thread] = []
         self.done = threading.Event()
         self.save()
 
     def save(self) -> None:
+        # Processes as [pid, start time] of this boot: a later 'deltabox
+        # stop' kills only what still is the same process (pids are reused).
         write_record(self.workdir, {
-            "name": self.name, "base": self.base, "root": self.sb.root, "daemon": os.getpid(),
-            "fs_daemon": self.sb.fs.status()["pid"],
-            "procs": {n: p.pid for n, p in self.sb.procs.items()},
+            "name": self.name, "base": self.base, "root": self.sb.root, "boot": self.boot,
+            "daemon": _proc.identity(os.getpid()),
+            "fs_daemon": _proc.identity(self.sb.fs.status()["pid"]),
+            "procs": {n: _proc.identity(p.pid) for n, p in self.sb.procs.items()},
         })
 
     def _pump(self, p: Proc, log_path: str) -> None:

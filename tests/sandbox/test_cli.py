@@ -74,8 +74,8 @@ def test_kill_9_of_the_daemon_then_clean_stop(tmp_path: Path, name: str) -> None
     assert r.returncode == 0, r.stderr
     assert cli("checkpoint", name).returncode == 0
     rec = json.loads(Path(f"/var/lib/deltabox/{name}/sandbox.json").read_text())
-    procs = [int(p) for p in rec["procs"].values() if p]
-    os.kill(rec["daemon"], signal.SIGKILL)
+    procs = [int(p[0]) for p in rec["procs"].values() if p]
+    os.kill(rec["daemon"][0], signal.SIGKILL)
     time.sleep(0.3)
     r = cli("stop", name)
     assert r.returncode == 0, r.stderr
@@ -100,3 +100,29 @@ def test_names_that_could_escape_are_refused(tmp_path: Path, args: list[str]) ->
     for cmd in (["checkpoint", "../x"], ["stop", "/"], ["list", ".."]):
         r = cli(*cmd)
         assert r.returncode == 1 and "not allowed" in r.stderr, r.stderr
+
+
+def test_stop_after_a_stale_record_kills_no_unrelated_process(tmp_path: Path, name: str) -> None:
+    # A record left by a daemon that died long ago (or before a reboot) names
+    # pids that may belong to anything by now: they are not killed.
+    bystander = subprocess.Popen(["sleep", "100"])
+    try:
+        workdir = Path(f"/var/lib/deltabox/{name}")
+        workdir.mkdir(parents=True)
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        start = int(Path(f"/proc/{bystander.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        for rec in ({"boot": boot, "daemon": [bystander.pid, start + 1], "procs": {"sh": [bystander.pid, 5]}},
+                    {"boot": "another-boot", "daemon": [bystander.pid, start], "procs": {}},
+                    {"daemon": bystander.pid, "procs": {"sh": bystander.pid}}):  # an older format
+            (workdir / "sandbox.json").write_text(json.dumps(rec))
+            r = cli("stop", name)
+            assert r.returncode == 0, r.stderr
+            assert bystander.poll() is None, f"stop killed an unrelated process after {rec}"
+            assert not (workdir / "sandbox.json").exists()
+        # the same process, same boot: that one is the sandbox's and goes
+        (workdir / "sandbox.json").write_text(json.dumps({"boot": boot, "procs": {"sh": [bystander.pid, start]}}))
+        assert cli("stop", name).returncode == 0
+        assert bystander.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        bystander.kill()
+        bystander.wait()
