@@ -12,8 +12,9 @@ crash of the DeltaFS daemon at once, and on disk a few ms later;
 ``wait_background()`` waits for both).
 
 Rollback: end the processes that did not exist in the target state, stop
-the others, drain what they left in their output pipes (it belongs to the
-abandoned branch), then switch the filesystem while every process of the
+the others, drain what they left in their output pipes and what was sent
+to them but not read yet (both belong to the abandoned branch: a command
+queued behind a running one must not run in the restored state), then switch the filesystem while every process of the
 target state is made ready, side by side; the new processes run only once
 the files are switched. Making a process ready usually forks nothing: each
 template's *spare*, a child DeltaCR forked from it while the sandbox was
@@ -126,14 +127,18 @@ class Proc:
     rollbacks; ``pid`` follows the live process (a rollback gives a new one)."""
 
     def __init__(self, name: str, argv: list[str], popen: subprocess.Popen[bytes],
-                 cr: deltacr.ProcessCheckpointer) -> None:
+                 cr: deltacr.ProcessCheckpointer, stdin: IO[bytes], stdin_reader: int) -> None:
         self.name = name
         self.argv = argv
         self._popen = popen
         self._cr = cr
-        assert popen.stdin is not None and popen.stdout is not None
-        self.stdin: IO[bytes] = popen.stdin
+        assert popen.stdout is not None
+        self.stdin = stdin
         self.stdout: IO[bytes] = popen.stdout
+        # Our own read end of the stdin pipe, a separate open file description
+        # (O_NONBLOCK there does not touch the process's end): a rollback
+        # empties the pipe through it, input sent to the abandoned branch.
+        self._stdin_reader = stdin_reader
         self._buf = b""
 
     @property
@@ -156,20 +161,28 @@ class Proc:
         return out
 
     def _drain(self) -> None:
-        """Throw away output nobody read yet: it came from a discarded branch."""
+        """Throw away output nobody read yet and input the process did not
+        read yet: both belong to a discarded branch (queued commands would
+        otherwise run in the restored state)."""
         self._buf = b""
         fd = self.stdout.fileno()
         fl = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
         try:
-            while True:
-                try:
-                    if not os.read(fd, 65536):
-                        break
-                except BlockingIOError:
-                    break
+            _read_all(fd)
         finally:
             fcntl.fcntl(fd, fcntl.F_SETFL, fl)
+        _read_all(self._stdin_reader)
+
+
+def _read_all(fd: int) -> None:
+    """Read a non-blocking descriptor until it is empty (or closed)."""
+    while True:
+        try:
+            if not os.read(fd, 65536):
+                return
+        except BlockingIOError:
+            return
 
 
 class Sandbox:
@@ -225,9 +238,20 @@ class Sandbox:
         check_name(name, "process")
         if name in self.procs:
             raise NameInUse(f"a process named {name!r} already runs in this sandbox: pick another name")
-        popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, cwd=os.path.join(self.root, cwd),
-                                 env=env, start_new_session=True)
+        r, w = os.pipe()  # the stdin pipe (both ends close-on-exec: only the process gets it, as fd 0)
+        reader = -1
+        try:
+            reader = os.open(f"/proc/self/fd/{r}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            popen = subprocess.Popen(argv, stdin=r, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, cwd=os.path.join(self.root, cwd),
+                                     env=env, start_new_session=True)
+        except BaseException:
+            os.close(w)
+            if reader >= 0:
+                os.close(reader)
+            raise
+        finally:
+            os.close(r)
         try:
             cr = deltacr.ProcessCheckpointer(popen.pid, os.path.join(self.store, "procs", name),
                                              max_templates=self.max_templates, reap_orphans=True,
@@ -235,8 +259,10 @@ class Sandbox:
         except BaseException:
             popen.kill()
             popen.wait()
+            os.close(w)
+            os.close(reader)
             raise
-        proc = Proc(name, list(argv), popen, cr)
+        proc = Proc(name, list(argv), popen, cr, os.fdopen(w, "wb"), reader)
         self.procs[name] = proc
         return proc
 
@@ -441,6 +467,7 @@ class Sandbox:
                     f.close()
                 except OSError:
                     pass
+            os.close(p._stdin_reader)
         try:
             self.fs.unmount()
         except deltafs.DeltaFSError as e:

@@ -222,3 +222,20 @@ def test_process_names_that_could_escape_are_refused(sb: deltabox.Sandbox, bad: 
 def test_default_process_names_are_safe(sb: deltabox.Sandbox) -> None:
     p = sb.spawn(["/bin/cat"])
     assert p.name == "cat-1"
+
+
+def test_input_queued_for_the_abandoned_branch_is_discarded(sb: deltabox.Sandbox) -> None:
+    sh, py = start_shells(sb)
+    ask(sh, f"cd {sb.root}")
+    ask(py, f"os = __import__('os'); os.chdir({sb.root!r})")
+    s1 = sb.checkpoint().id
+    sh.send("sleep 1\n")  # busy: what follows waits unread in the pipe
+    sh.send("echo x > queued.txt\n")
+    py.send("import time; time.sleep(1)\n")
+    py.send("open('queued_py.txt', 'w').write('x')\n")
+    time.sleep(0.3)
+    sb.rollback(s1)
+    time.sleep(1.5)
+    assert ask(sh, "echo alive") == "alive" and ask(py, "print('alive')") == "alive"
+    assert not (Path(sb.root) / "queued.txt").exists(), "bash ran input sent before the rollback"
+    assert not (Path(sb.root) / "queued_py.txt").exists(), "the REPL ran input sent before the rollback"
