@@ -800,6 +800,10 @@ class ProcessCheckpointer:
                 self.warnings.append(f"reaping dead templates in pid {self.live_pid}: {e}")
         try:
             inject.resume(self.live_pid, inject.resumable_regs(self._regs), self._pending)
+        except ProcessLookupError:
+            # SIGKILLed while stopped (it ends a ptrace-stopped tracee without
+            # running it): "running" lets the service loop reap it like any exit
+            pass
         finally:  # a template taken just before is a checkpoint even if the process died since
             if finish:
                 self._finish_captures()

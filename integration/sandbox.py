@@ -11,20 +11,22 @@ layer to disk (a DeltaFS checkpoint returns once committed, so it survives a
 crash of the DeltaFS daemon at once, and on disk a few ms later;
 ``wait_background()`` waits for both).
 
-Rollback: end the processes that did not exist in the target state, stop
-the others, drain what they left in their output pipes and what was sent
-to them but not read yet (both belong to the abandoned branch: a command
-queued behind a running one must not run in the restored state), then switch the filesystem while every process of the
-target state is made ready, side by side; the new processes run only once
-the files are switched. Making a process ready usually forks nothing: each
-template's *spare*, a child DeltaCR forked from it while the sandbox was
-idle, is taken (a fork of the benchmark's 55 MB REPL costs about 3 ms,
-taking a spare under 1 ms); a template without one is forked as before. A
-process that exited after the target state comes back. If the filesystem switch fails, the prepared
-processes are thrown away and the old ones resume: nothing changed. If a
-process cannot be restored after the switch, it is ended and the error says
-so: the sandbox is then in the target state without that process, never a
-mix of two states.
+Rollback: stop every process; each process of the target state is made
+ready (forked from its template) while the filesystem switches, side by
+side. Making a process ready usually forks nothing: each template's
+*spare*, a child DeltaCR forked from it while the sandbox was idle, is
+taken (a fork of the benchmark's 55 MB REPL costs about 3 ms, taking a
+spare under 1 ms); a template without one is forked as before. A process
+that exited after the target state comes back. Once the files are
+switched: the processes that did not exist in the target state are ended,
+what is left in the pipes is drained (output nobody read, input the
+processes did not read yet: both belong to the abandoned branch; a command
+queued behind a running one must not run in the restored state), and the
+new processes run. If the filesystem switch fails, the prepared processes
+are thrown away and every old one resumes, the ones that were to end too:
+nothing changed. If a process cannot be restored after the switch, it is
+ended and the error says so: the sandbox is then in the target state
+without that process, never a mix of two states.
 """
 
 from __future__ import annotations
@@ -333,12 +335,17 @@ class Sandbox:
     def _rollback(self, st: StateInfo) -> RollbackReport:
         state = st.id
         t0 = time.perf_counter()
-        # Processes that did not exist in that state end first, while still
-        # running (a stopped tracee's death goes unnoticed until resumed);
-        # whatever they write now lands in the layer being discarded.
+        # Processes that did not exist in that state are stopped, not killed
+        # yet: if the files cannot be switched they go on as if nothing
+        # happened. Stopped, they write nothing more into the files.
+        leaving: list[Proc] = []
         for p in self.procs.values():
-            if p.name not in st.processes:
-                self._end(p)
+            if p.name not in st.processes and p.alive:
+                try:
+                    p._cr.stop()
+                    leaving.append(p)
+                except deltacr.DeltaCRError:
+                    pass  # it exited just now: nothing to end
         # Each process of the target state is stopped and prepared (forked
         # from its template) by its tracer; it runs only once the files are
         # switched and the pipes drained.
@@ -348,19 +355,28 @@ class Sandbox:
         try:
             for _p, stopped, _f in pending:
                 stopped.wait()  # an error shows in the future, after the gate
-            for p in self.procs.values():
-                p._drain()
             self.fs.rollback(st.fs_checkpoint)
         except BaseException as e:
             gate.open(False)  # each process goes back to what it was
             for _p, _s, f in pending:
                 f.exception()
+            for p in leaving:
+                try:
+                    p._cr.resume()
+                except deltacr.DeltaCRError:
+                    pass
             if isinstance(e, deltafs.DeltaFSError):
                 raise RollbackFailed(f"the files could not be rolled back to state {state} ({e}); "
                                      "nothing changed") from e
             raise
+        # Every process is stopped and the files are switched: what is left
+        # in the pipes belongs to the abandoned branch.
+        for p in self.procs.values():
+            p._drain()
         t_fs = time.perf_counter()
         gate.open(True)
+        for p in leaving:
+            self._end(p, stopped=True)
         pids: dict[str, int | None] = {p.name: None for p in self.procs.values()}
         paths: dict[str, str] = {}
         failed: list[str] = []

@@ -47,7 +47,7 @@ def start_shells(sb: deltabox.Sandbox) -> tuple[deltabox.Proc, deltabox.Proc]:
 
 def ask(p: deltabox.Proc, cmd: str) -> str:
     marker = f"__end{random.randrange(10**9)}__"
-    if p.name == "py":
+    if p.argv[0].startswith("python"):
         p.send(f"{cmd}\nprint({marker!r})\n")
     else:
         p.send(f"{cmd}; echo {marker}\n")
@@ -239,3 +239,18 @@ def test_input_queued_for_the_abandoned_branch_is_discarded(sb: deltabox.Sandbox
     assert ask(sh, "echo alive") == "alive" and ask(py, "print('alive')") == "alive"
     assert not (Path(sb.root) / "queued.txt").exists(), "bash ran input sent before the rollback"
     assert not (Path(sb.root) / "queued_py.txt").exists(), "the REPL ran input sent before the rollback"
+
+
+def test_a_failed_rollback_leaves_processes_started_after_the_state_running(sb: deltabox.Sandbox) -> None:
+    sh, py = start_shells(sb)
+    s = sb.checkpoint().id
+    late = sb.spawn(["python3", "-u", "-q", "-i"], name="pylate")
+    late.send("import sys; sys.ps1 = ''; x = 7; print('ready')\n")
+    late.expect("ready\n")
+    sb.checkpoint()
+    sb.fs.drop(sb._state(s).fs_checkpoint)  # behind the sandbox's back: the switch fails
+    pid = late.pid
+    with pytest.raises(deltabox.RollbackFailed, match="nothing changed"):
+        sb.rollback(s)
+    assert late.alive and late.pid == pid
+    assert ask(late, "print(x)") == "7"
