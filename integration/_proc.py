@@ -73,3 +73,86 @@ def is_same(rec: object, boot: str, now_boot: str) -> bool:
         return False
     st = stat(pid)
     return st is not None and st.start == start and st.state != "Z"
+
+
+def children(pid: int) -> list[int]:
+    """The children of every thread of ``pid`` (CONFIG_PROC_CHILDREN: one
+    read per thread; a full scan of /proc where the kernel lacks it). A
+    thread's file lists the children it forked, and a subreaper's adopted
+    orphans go to one of its threads: hence every thread."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    out: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                continue  # the thread ended
+            return [st.pid for st in all_stats() if st.ppid == pid]  # no CONFIG_PROC_CHILDREN
+        except ProcessLookupError:
+            continue
+    return out
+
+
+def tracer(pid: int) -> int:
+    """The pid tracing ``pid`` (0: none or gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return "?"
+
+
+def untraced_descendants(roots: list[int], sessions: set[int], exclude: set[int] = frozenset(),  # type: ignore[assignment]
+                         known: set[int] | None = None) -> list[Stat]:
+    """Every process below ``roots`` (children, their children, ...) that
+    belongs to one of ``sessions``, is not a zombie, not in ``exclude`` and
+    not traced by this process -- in a sandbox: what its processes started,
+    as opposed to its processes themselves and DeltaCR's templates and
+    spares, which this process traces (forks of a traced process made with
+    CLONE_PTRACE are traced from birth, so no race with a fork under way). Parents come before their children.
+
+    ``known`` caches the pids found to be traced by us (updated in place):
+    a sandbox has up to hundreds of templates among its processes' and our
+    own children, and one /proc read fewer each keeps this off a rollback's
+    critical path. A cached pid that died and was reused within one call to
+    the next would be missed (left running), never wrongly killed."""
+    mine = {int(t) for t in os.listdir("/proc/self/task")}
+    known = set() if known is None else known
+    out: list[Stat] = []
+    seen: set[int] = set(roots)
+    todo = list(roots)
+    while todo:
+        for c in children(todo.pop(0)):
+            if c in seen:
+                continue
+            seen.add(c)
+            if c in known or c in exclude:
+                continue
+            st = stat(c)
+            if st is None or st.session not in sessions or st.state == "Z":
+                continue
+            # by one of our threads (TracerPid is the tracer thread's id); not
+            # the state: a template just forked runs until its first stop
+            if tracer(c) in mine:
+                known.add(c)  # DeltaCR's: a template, a spare, a process being restored
+                continue
+            out.append(st)
+            todo.append(c)
+    known &= seen
+    return out

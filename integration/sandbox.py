@@ -11,6 +11,10 @@ layer to disk (a DeltaFS checkpoint returns once committed, so it survives a
 crash of the DeltaFS daemon at once, and on disk a few ms later;
 ``wait_background()`` waits for both).
 
+A checkpoint is refused (Busy) while a process has children of its own
+running: its template would not have them, so restored it would wait for
+them forever.
+
 Rollback: stop every process; each process of the target state is made
 ready (forked from its template) while the filesystem switches, side by
 side. Making a process ready usually forks nothing: each template's
@@ -18,7 +22,9 @@ side. Making a process ready usually forks nothing: each template's
 taken (a fork of the benchmark's 55 MB REPL costs about 3 ms, taking a
 spare under 1 ms); a template without one is forked as before. A process
 that exited after the target state comes back. Once the files are
-switched: the processes that did not exist in the target state are ended,
+switched: what the processes started (commands, background jobs: in no
+state; stopped with SIGSTOP before the switch, SIGCONT if it fails) is
+killed, the processes that did not exist in the target state are ended,
 what is left in the pipes is drained (output nobody read, input the
 processes did not read yet: both belong to the abandoned branch; a command
 queued behind a running one must not run in the restored state), and the
@@ -47,7 +53,8 @@ from typing import IO
 import deltacr
 import deltafs
 
-from .errors import BadName, DeltaBoxError, NameInUse, RollbackFailed, SandboxStopped, UnknownState
+from . import _proc
+from .errors import BadName, Busy, DeltaBoxError, NameInUse, RollbackFailed, SandboxStopped, UnknownState
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,7 @@ class Proc:
         # empties the pipe through it, input sent to the abandoned branch.
         self._stdin_reader = stdin_reader
         self._buf = b""
+        self.sid = popen.pid  # start_new_session: its own session, which its children share
 
     @property
     def pid(self) -> int | None:
@@ -175,6 +183,13 @@ class Proc:
         finally:
             fcntl.fcntl(fd, fcntl.F_SETFL, fl)
         _read_all(self._stdin_reader)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _read_all(fd: int) -> None:
@@ -220,6 +235,8 @@ class Sandbox:
         self.backend = backend
         self.hugepages = hugepages  # see deltacr.hugepages
         self.procs: dict[str, Proc] = {}
+        self._killed: list[_proc.Stat] = []  # processes we killed, until reaped or gone
+        self._deltacr_pids: set[int] = set()  # see _proc.untraced_descendants
         self._states: dict[int, StateInfo] = {}
         self.current: int | None = None
         self._next_id = 1
@@ -271,12 +288,24 @@ class Sandbox:
     # -- states ----------------------------------------------------------------
 
     def checkpoint(self, label: str = "") -> CheckpointReport:
-        """One state for the files and every live process, atomically."""
+        """One state for the files and every live process, atomically.
+        Refused (Busy) while a process has children of its own running."""
         self._require_open()
-        with deltacr.critical():
-            return self._checkpoint(label)
+        leftovers: list[tuple[Proc, int]] = []
+        try:
+            with deltacr.critical():
+                return self._checkpoint(label, leftovers)
+        finally:
+            # Templates of a checkpoint that failed belong to no state: drop
+            # them (outside the critical section: eviction waits for the
+            # background delta writers, which pause during it).
+            for p, cid in leftovers:
+                try:
+                    p._cr.evict(cid)
+                except deltacr.DeltaCRError:
+                    pass
 
-    def _checkpoint(self, label: str) -> CheckpointReport:
+    def _checkpoint(self, label: str, leftovers: list[tuple[Proc, int]]) -> CheckpointReport:
         t0 = time.perf_counter()
         gate = deltacr.Gate()
         # the slowest fork (the biggest process) sets the pace: start it first
@@ -291,6 +320,7 @@ class Sandbox:
                 if stopped.error is not None:
                     raise stopped.error
                 taking.append((p, fut))
+            self._refuse_running_children([p for p, _f in taking])
             t_stop = time.perf_counter()
             # Every process is stopped, so every write it issued has been
             # answered by DeltaFS: freeze the files now, while the templates
@@ -299,8 +329,9 @@ class Sandbox:
             t_fs = time.perf_counter()
         except BaseException:
             gate.open(False)
-            for _p, _s, fut in pending:
-                fut.exception()  # wait until it runs again; our error is the one to report
+            for p, _s, fut in pending:
+                if fut.exception() is None:  # our error is the one to report
+                    leftovers.append((p, fut.result()))
             raise
         gate.open(True)
         caps: dict[str, int] = {}
@@ -316,6 +347,11 @@ class Sandbox:
                 errors.append(e)
         t_res = time.perf_counter()
         if errors:
+            leftovers += [(p, caps[p.name]) for p, _f in taking if p.name in caps]
+            try:
+                self.fs.drop(fs_id)
+            except deltafs.DeltaFSError:
+                pass  # a checkpoint nobody refers to: it costs an empty layer
             raise errors[0]
         sid = self._next_id
         self._next_id += 1
@@ -324,6 +360,83 @@ class Sandbox:
         self.current = sid
         return CheckpointReport(sid, crit, (t_stop - t0) * 1e3, (t_fs - t_stop) * 1e3,
                                 (t_res - t_fs) * 1e3, fork_ms, depth)
+
+    def _refuse_running_children(self, stopped: list[Proc]) -> None:
+        """Busy if a stopped process has children of its own that still run.
+        A template holds the process's memory, not its children (fork() does
+        not copy them): bash restored from it would wait forever for a
+        command that does not exist after a rollback."""
+        busy = []
+        for p in stopped:
+            pid = p._cr.live_pid
+            kids = [k for k in _proc.untraced_descendants([pid], self._sessions()) if k.ppid == pid] if pid else []
+            if kids:
+                busy.append(f"{p.name} (pid {pid}) has " + ", ".join(f"{k.pid} {_proc.comm(k.pid)}" for k in kids))
+        if busy:
+            raise Busy("cannot checkpoint while a sandbox process waits for children of its own: "
+                       + "; ".join(busy) + ". A restored process would wait for them forever; "
+                       "wait until they finish (or end them) and checkpoint again")
+
+    # -- what the sandbox's processes started ----------------------------------
+
+    def _sessions(self) -> set[int]:
+        return {p.sid for p in self.procs.values()}
+
+    def _descendants(self) -> list[_proc.Stat]:
+        """Every process the sandbox's processes started (and theirs, also
+        orphans adopted by this process, a subreaper), not DeltaCR's."""
+        live = {p._cr.live_pid for p in self.procs.values() if p.alive and p._cr.live_pid}
+        return _proc.untraced_descendants([*live, os.getpid()], self._sessions(), live, self._deltacr_pids)
+
+    def _hold_descendants(self) -> list[_proc.Stat]:
+        """SIGSTOP every descendant until none is left running (one may fork
+        while we look), waiting for each to really stop: a stopped process
+        has no write to the files under way. Call with the sandbox's own
+        processes stopped."""
+        held: dict[int, _proc.Stat] = {}
+        for _round in range(10):
+            new = [d for d in self._descendants() if d.pid not in held]
+            if not new:
+                break
+            for d in new:
+                _signal(d.pid, signal.SIGSTOP)
+                held[d.pid] = d
+            deadline = time.monotonic() + 2.0
+            for d in new:
+                while time.monotonic() < deadline:
+                    cur = _proc.stat(d.pid)
+                    if cur is None or cur.state in "tTZX":
+                        break
+                    time.sleep(0.0002)
+        return list(held.values())
+
+    def _kill(self, procs: list[_proc.Stat]) -> None:
+        for d in procs:
+            _signal(d.pid, signal.SIGKILL)
+        self._killed += procs
+        self._reap_killed()
+
+    def _reap_killed(self, wait: float = 0.0) -> None:
+        """Reap what we killed that became our zombie (an orphan we adopted);
+        a zombie of a sandbox process is reaped with it by DeltaCR."""
+        deadline = time.monotonic() + wait
+        while True:
+            left = []
+            for d in self._killed:
+                cur = _proc.stat(d.pid)
+                if cur is None or cur.start != d.start:
+                    continue  # gone (or the pid was reused)
+                if cur.state == "Z" and cur.ppid == os.getpid():
+                    try:
+                        os.waitpid(d.pid, os.WNOHANG)
+                    except ChildProcessError:
+                        pass
+                    continue
+                left.append(d)
+            self._killed = left
+            if not left or time.monotonic() >= deadline:
+                return
+            time.sleep(0.002)
 
     def rollback(self, state: int) -> RollbackReport:
         """Files and processes exactly as they were in ``state``."""
@@ -352,14 +465,21 @@ class Sandbox:
         gate = deltacr.Gate()
         back = [p for p in self.procs.values() if p.name in st.processes]
         pending = [(p, *p._cr.rollback_gated(st.processes[p.name], gate)) for p in back]
+        held: list[_proc.Stat] = []
         try:
             for _p, stopped, _f in pending:
                 stopped.wait()  # an error shows in the future, after the gate
+            # What the processes started (a command running in bash, a
+            # background job) is not in any state: stopped now, killed once
+            # the files switched, so that it writes nothing into them.
+            held = self._hold_descendants()
             self.fs.rollback(st.fs_checkpoint)
         except BaseException as e:
             gate.open(False)  # each process goes back to what it was
             for _p, _s, f in pending:
                 f.exception()
+            for d in held:
+                _signal(d.pid, signal.SIGCONT)
             for p in leaving:
                 try:
                     p._cr.resume()
@@ -369,6 +489,7 @@ class Sandbox:
                 raise RollbackFailed(f"the files could not be rolled back to state {state} ({e}); "
                                      "nothing changed") from e
             raise
+        self._kill(held)
         # Every process is stopped and the files are switched: what is left
         # in the pipes belongs to the abandoned branch.
         for p in self.procs.values():
@@ -465,6 +586,20 @@ class Sandbox:
             return
         self.closed = True
         errors: list[str] = []
+        # Stopped first, so that they start nothing more while what they
+        # started is killed (a killed parent's children come to us: again).
+        for p in self.procs.values():
+            if p.alive:
+                try:
+                    p._cr.stop()
+                except deltacr.DeltaCRError:
+                    pass
+        for _round in range(10):
+            left = self._descendants()
+            if not left:
+                break
+            self._kill(left)
+            time.sleep(0.005)
         for p in self.procs.values():
             try:
                 p._cr.close(kill_live=True)
@@ -484,6 +619,7 @@ class Sandbox:
                 except OSError:
                     pass
             os.close(p._stdin_reader)
+        self._reap_killed(wait=5.0)
         try:
             self.fs.unmount()
         except deltafs.DeltaFSError as e:

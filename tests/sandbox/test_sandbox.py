@@ -254,3 +254,64 @@ def test_a_failed_rollback_leaves_processes_started_after_the_state_running(sb: 
         sb.rollback(s)
     assert late.alive and late.pid == pid
     assert ask(late, "print(x)") == "7"
+
+
+def _session_members(sb: deltabox.Sandbox) -> list[str]:
+    """What runs in the sandbox's sessions besides DeltaCR's stopped processes."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) in {p.sid for p in sb.procs.values()} and fields[0] not in "tZ":
+            out.append(f"{pid} {Path(f'/proc/{pid}/comm').read_text().strip()}")
+    return out
+
+
+def test_a_rollback_ends_what_the_processes_started(sb: deltabox.Sandbox) -> None:
+    sh, py = start_shells(sb)
+    ask(sh, f"cd {sb.root}")
+    s1 = sb.checkpoint().id
+    ask(sh, "{ (sleep 1.5; echo late > bg.txt) & }")  # a background job
+    ask(sh, "( (sleep 1.5; echo orphan > orphan.txt) & )")  # its parent exits: adopted by us
+    sh.send("sleep 1.5; echo fg > fg.txt\n")  # a foreground command, running during the rollback
+    time.sleep(0.3)
+    sb.rollback(s1)
+    assert [m for m in _session_members(sb) if not m.endswith(("bash", "python3"))] == []
+    time.sleep(1.6)
+    for f in ("bg.txt", "orphan.txt", "fg.txt"):
+        assert not (Path(sb.root) / f).exists(), f"{f}: a process of the abandoned branch wrote it"
+    assert ask(sh, "echo alive") == "alive"
+    assert sb.checkpoint().id  # nothing left that bash waits for
+
+
+def test_checkpoint_refused_while_bash_waits_for_a_command(sb: deltabox.Sandbox) -> None:
+    sh, _py = start_shells(sb)
+    s1 = sb.checkpoint().id
+    sh.send("sleep 30; echo done\n")
+    time.sleep(0.3)
+    with pytest.raises(deltabox.Busy, match=r"sh \(pid \d+\) has \d+ sleep"):
+        sb.checkpoint()
+    assert [s.id for s in sb.states()] == [s1], "no state was added"
+    sb.rollback(s1)  # ends the sleep
+    assert ask(sh, "echo alive") == "alive"
+
+
+def test_close_ends_what_the_processes_started(base: Path, tmp_path: Path) -> None:
+    sb = deltabox.Sandbox(str(base), workdir=str(tmp_path / "w3"))
+    try:
+        sh = sb.spawn(["bash", "-c", "sleep 307 & (sleep 308 &) ; wait"], name="sh")
+        deadline = time.monotonic() + 10
+        sleeping = lambda: sorted(m.split()[1] for m in _session_members(sb))  # noqa: E731
+        while sleeping() != ["bash", "sleep", "sleep"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        sids = {p.sid for p in sb.procs.values()}
+        assert sleeping() == ["bash", "sleep", "sleep"], _session_members(sb)
+    finally:
+        sb.close()
+    left = [pid for pid in filter(str.isdigit, os.listdir("/proc"))
+            if os.path.exists(f"/proc/{pid}/stat")
+            and int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3]) in sids]
+    assert left == [], "close() left processes of the sandbox (or their zombies) behind"
+    del sh
