@@ -199,13 +199,7 @@ def nofile_limit(pid: int) -> int:
 def descendants(pid: int) -> set[int]:
     """Every live descendant of pid (one pass over /proc)."""
     kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            st = read_stat(int(name))
-        except (NoSuchProcess, ValueError, IndexError, OSError):
-            continue
+    for st in _all_stats():
         kids.setdefault(st.ppid, []).append(st.pid)
     out: set[int] = set()
     todo = [pid]
@@ -217,16 +211,49 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
-def zombie_children(pid: int) -> list[int]:
-    """Zombie children of pid (scans /proc: CONFIG_PROC_CHILDREN may be off)."""
+def children_of(pid: int) -> list[int]:
+    """The children of every thread of ``pid`` (CONFIG_PROC_CHILDREN; a scan
+    of /proc where the kernel lacks it)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    out: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            if os.path.exists(f"/proc/{pid}/task/{tid}"):
+                return [st.pid for st in _all_stats() if st.ppid == pid]
+        except ProcessLookupError:
+            pass
+    return out
+
+
+def tracer_of(pid: int) -> int:
+    """The thread tracing ``pid`` (0: none, or gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def _all_stats() -> list[ProcStat]:
     out = []
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            st = read_stat(int(name))
-        except (NoSuchProcess, ValueError, IndexError):
-            continue
-        if st.ppid == pid and st.state == "Z":
-            out.append(st.pid)
+        if name.isdigit():
+            try:
+                out.append(read_stat(int(name)))
+            except (NoSuchProcess, ValueError, IndexError, OSError):
+                pass
     return out
+
+
+def zombie_children(pid: int) -> list[int]:
+    """Zombie children of pid (scans /proc: CONFIG_PROC_CHILDREN may be off)."""
+    return [st.pid for st in _all_stats() if st.ppid == pid and st.state == "Z"]

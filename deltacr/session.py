@@ -50,6 +50,7 @@ class Checkpoint:
     syscall_addr: int = 0  # a `syscall` instruction in this checkpoint's address space (its vDSO)
     xstate: bytes = b""  # x87/SSE/AVX registers (PTRACE_GETREGSET NT_X86_XSTATE)
     depth: int = 0  # forks between the attached process and this checkpoint's template (its lineage)
+    had_children: bool = False  # children of its own when captured (see Tracer._may_resume_template)
 
     @property
     def registers(self) -> Regs:

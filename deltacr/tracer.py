@@ -38,8 +38,8 @@ from .dirty import DirtyTracker, copy_pages, make_tracker, pfn_changed
 from .errors import (AlreadyTraced, DeltaCRError, InjectionFailed, MultiThreaded, NoSuchProcess,
                      NotAttached, NotPermitted, ProcessGone, ProcessIsZombie, RestoreFailed)
 from .hugepages import HugePageKeeper
-from .procfs import (PF_KTHREAD, FdPos, Vma, descendants, read_fd_positions, read_maps, read_stat, read_status,
-                     signal_pending, thread_count, zombie_children)
+from .procfs import (PF_KTHREAD, FdPos, Vma, children_of, descendants, read_fd_positions, read_maps, read_stat,
+                     read_status, signal_pending, thread_count, tracer_of, zombie_children)
 from .replay import ReplayStats, merge, reconcile, replay
 from .restore import restore_cwd_and_mask, restore_fds, revalidate_files
 from .session import Checkpoint, CheckpointInfo, Session, default_store
@@ -601,6 +601,24 @@ class ProcessCheckpointer:
         self._drop_spare(spare, wait=True)  # killed, signalled, or spares were switched off
         return None
 
+    def _own_children(self, pid: int) -> list[int]:
+        """Children of ``pid`` that are its own (a command a shell waits for),
+        not templates or spares of ours: those are traced by this thread."""
+        me = threading.get_native_id()
+        with self._lock:
+            ours = {tpid for _c, tpid in self.pool.items()} | {sp.pid for sp in self._spares.values()}
+        out = []
+        for c in children_of(pid):
+            if c in ours or c in self._dying or c in self._dead_templates:
+                continue
+            try:
+                if read_stat(c).state == "Z" or tracer_of(c) == me:
+                    continue
+            except NoSuchProcess:
+                continue
+            out.append(c)
+        return out
+
     def _may_resume_template(self, cid: int, tpl: int) -> bool:
         """Can a rollback to cid resume the template itself, its spare (an
         identical frozen child) taking its place? Then the restored process
@@ -615,8 +633,14 @@ class ProcessCheckpointer:
         with a backend that arms nothing in spares ahead of time (pfn,
         compare: the template would have to be armed on the critical path
         otherwise), when no pending delta reads the template and nothing
-        was sent to it."""
+        was sent to it. Not either when the process had children of its own
+        then (a shell running a command): resumed, it would find its
+        template's spare as its only child and a wait(-1) for the command
+        would block on that spare for ever; restored from the spare, it has
+        no child, and the wait returns (ECHILD) as if the command was over."""
         if self.tracker.prepares:
+            return False
+        if self.session.checkpoints[cid].had_children:
             return False
         with self._lock:
             if not self.pool.idle(cid):
@@ -716,6 +740,7 @@ class ProcessCheckpointer:
         def during() -> None:  # the process is stopped in fork(): its offsets do not move
             try:
                 got["fds"] = read_fd_positions(live)
+                got["kids"] = self._own_children(live)
             except BaseException as e:  # noqa: BLE001 - raised once the fork is over
                 got["error"] = e
         tf = time.perf_counter()
@@ -729,6 +754,7 @@ class ProcessCheckpointer:
             self._dead_templates.add(tpl)
             raise got["error"]
         fds: list[FdPos] = got["fds"]
+        waits = bool(got["kids"])
         with self._lock:
             cid = self.session.new_id()
         parent, created, depth = self.current, time.time(), self._live_depth + 1
@@ -742,7 +768,7 @@ class ProcessCheckpointer:
                 if not any("vector registers" in w for w in self.warnings):
                     self.warnings.append(f"pid {live}: the vector registers cannot be read ({e}); a slow-path "
                                          "restore of a process stopped mid-computation may go wrong")
-            self._record(cid, parent, created, label, regs, fds, xstate, tpl, dirty, depth)
+            self._record(cid, parent, created, label, regs, fds, xstate, tpl, dirty, depth, waits)
         if defer:
             self._unfinished.append(finish)
         else:
@@ -773,10 +799,12 @@ class ProcessCheckpointer:
             self._tracer.call(lambda: None)
 
     def _record(self, cid: int, parent: int | None, created: float, label: str, regs: _sys.Regs,
-                fds: list[FdPos], xstate: bytes, tpl: int, dirty: Any, depth: int) -> None:
+                fds: list[FdPos], xstate: bytes, tpl: int, dirty: Any, depth: int,
+                had_children: bool = False) -> None:
         with self._lock:
             ck = Checkpoint(cid, parent, label, created, regs.to_bytes(), fds,
-                            syscall_addr=self._syscall_addr, xstate=xstate, depth=depth)
+                            syscall_addr=self._syscall_addr, xstate=xstate, depth=depth,
+                            had_children=had_children)
             self.session.checkpoints[cid] = ck
             self.pool.add(cid, tpl, root=parent is None)
             self._done[cid] = threading.Event()

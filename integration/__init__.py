@@ -10,10 +10,10 @@ process, and never leaves files of one state with processes of another.
 The package lives in ``integration/`` and is imported as ``deltabox``.
 """
 
-from .errors import BadName, Busy, DeltaBoxError, NameInUse, RollbackFailed, SandboxStopped, UnknownState
+from .errors import BadName, DeltaBoxError, NameInUse, RollbackFailed, SandboxStopped, UnknownState
 from .sandbox import CheckpointReport, Proc, RollbackReport, Sandbox, StateInfo
 
 __all__ = [
-    "BadName", "Busy", "CheckpointReport", "DeltaBoxError", "NameInUse", "Proc", "RollbackFailed", "RollbackReport",
+    "BadName", "CheckpointReport", "DeltaBoxError", "NameInUse", "Proc", "RollbackFailed", "RollbackReport",
     "Sandbox", "SandboxStopped", "StateInfo", "UnknownState",
 ]

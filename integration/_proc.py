@@ -19,6 +19,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+# the same facts DeltaCR reads: a process's children (every thread's), its tracer
+from deltacr.procfs import children_of as children
+from deltacr.procfs import tracer_of as tracer
+
 
 @dataclass(frozen=True)
 class Stat:
@@ -73,41 +77,6 @@ def is_same(rec: object, boot: str, now_boot: str) -> bool:
         return False
     st = stat(pid)
     return st is not None and st.start == start and st.state != "Z"
-
-
-def children(pid: int) -> list[int]:
-    """The children of every thread of ``pid`` (CONFIG_PROC_CHILDREN: one
-    read per thread; a full scan of /proc where the kernel lacks it). A
-    thread's file lists the children it forked, and a subreaper's adopted
-    orphans go to one of its threads: hence every thread."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError):
-        return []
-    out: list[int] = []
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(c) for c in f.read().split()]
-        except FileNotFoundError:
-            if not os.path.exists(f"/proc/{pid}/task/{tid}"):
-                continue  # the thread ended
-            return [st.pid for st in all_stats() if st.ppid == pid]  # no CONFIG_PROC_CHILDREN
-        except ProcessLookupError:
-            continue
-    return out
-
-
-def tracer(pid: int) -> int:
-    """The pid tracing ``pid`` (0: none or gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
 
 
 def comm(pid: int) -> str:

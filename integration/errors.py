@@ -24,12 +24,6 @@ class NameInUse(DeltaBoxError):
     """A sandbox or process name that is already taken."""
 
 
-class Busy(DeltaBoxError):
-    """A checkpoint was refused: a process of the sandbox has children of its
-    own running (a command still running in bash). Restored, it would wait
-    for children that no longer exist; wait for them to finish, or end them,
-    and checkpoint again."""
-
 
 class RollbackFailed(DeltaBoxError):
     """A rollback could not complete; the message says which consistent state

@@ -11,9 +11,10 @@ layer to disk (a DeltaFS checkpoint returns once committed, so it survives a
 crash of the DeltaFS daemon at once, and on disk a few ms later;
 ``wait_background()`` waits for both).
 
-A checkpoint is refused (Busy) while a process has children of its own
-running: its template would not have them, so restored it would wait for
-them forever.
+A state holds the sandbox's processes, not what they started (a template
+is a fork of one process): restored while it ran a command, bash finds no
+child and goes on as if the command had ended (DeltaCR does not resume a
+template then: its spare would be the child a wait blocks on).
 
 Rollback: stop every process; each process of the target state is made
 ready (forked from its template) while the filesystem switches, side by
@@ -54,7 +55,7 @@ import deltacr
 import deltafs
 
 from . import _proc
-from .errors import BadName, Busy, DeltaBoxError, NameInUse, RollbackFailed, SandboxStopped, UnknownState
+from .errors import BadName, DeltaBoxError, NameInUse, RollbackFailed, SandboxStopped, UnknownState
 
 
 @dataclass(frozen=True)
@@ -288,8 +289,7 @@ class Sandbox:
     # -- states ----------------------------------------------------------------
 
     def checkpoint(self, label: str = "") -> CheckpointReport:
-        """One state for the files and every live process, atomically.
-        Refused (Busy) while a process has children of its own running."""
+        """One state for the files and every live process, atomically."""
         self._require_open()
         leftovers: list[tuple[Proc, int]] = []
         try:
@@ -312,6 +312,7 @@ class Sandbox:
         live = sorted((p for p in self.procs.values() if p.alive), key=lambda p: -p._cr.last_capture_ms)
         pending = [(p, *p._cr.checkpoint_gated(label, gate)) for p in live]
         taking: list[tuple[Proc, Future[int]]] = []
+        fs_id: int | None = None
         try:
             for p, stopped, fut in pending:
                 stopped.wait()
@@ -320,7 +321,6 @@ class Sandbox:
                 if stopped.error is not None:
                     raise stopped.error
                 taking.append((p, fut))
-            self._refuse_running_children([p for p, _f in taking])
             t_stop = time.perf_counter()
             # Every process is stopped, so every write it issued has been
             # answered by DeltaFS: freeze the files now, while the templates
@@ -332,6 +332,8 @@ class Sandbox:
             for p, _s, fut in pending:
                 if fut.exception() is None:  # our error is the one to report
                     leftovers.append((p, fut.result()))
+            if fs_id is not None:
+                self._drop_fs_quietly(fs_id)
             raise
         gate.open(True)
         caps: dict[str, int] = {}
@@ -348,10 +350,7 @@ class Sandbox:
         t_res = time.perf_counter()
         if errors:
             leftovers += [(p, caps[p.name]) for p, _f in taking if p.name in caps]
-            try:
-                self.fs.drop(fs_id)
-            except deltafs.DeltaFSError:
-                pass  # a checkpoint nobody refers to: it costs an empty layer
+            self._drop_fs_quietly(fs_id)
             raise errors[0]
         sid = self._next_id
         self._next_id += 1
@@ -361,21 +360,11 @@ class Sandbox:
         return CheckpointReport(sid, crit, (t_stop - t0) * 1e3, (t_fs - t_stop) * 1e3,
                                 (t_res - t_fs) * 1e3, fork_ms, depth)
 
-    def _refuse_running_children(self, stopped: list[Proc]) -> None:
-        """Busy if a stopped process has children of its own that still run.
-        A template holds the process's memory, not its children (fork() does
-        not copy them): bash restored from it would wait forever for a
-        command that does not exist after a rollback."""
-        busy = []
-        for p in stopped:
-            pid = p._cr.live_pid
-            kids = [k for k in _proc.untraced_descendants([pid], self._sessions()) if k.ppid == pid] if pid else []
-            if kids:
-                busy.append(f"{p.name} (pid {pid}) has " + ", ".join(f"{k.pid} {_proc.comm(k.pid)}" for k in kids))
-        if busy:
-            raise Busy("cannot checkpoint while a sandbox process waits for children of its own: "
-                       + "; ".join(busy) + ". A restored process would wait for them forever; "
-                       "wait until they finish (or end them) and checkpoint again")
+    def _drop_fs_quietly(self, fs_id: int) -> None:
+        try:
+            self.fs.drop(fs_id)
+        except deltafs.DeltaFSError:
+            pass  # a checkpoint nobody refers to: it costs an empty layer
 
     # -- what the sandbox's processes started ----------------------------------
 
