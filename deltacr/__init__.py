@@ -47,7 +47,8 @@ format), ``writer`` (background delta writing), ``replay`` (slow path),
 ``client`` (the background daemon used by the CLI), ``cli``, ``check``.
 
 Limits: single-threaded processes only (fork copies one thread); MAP_SHARED
-memory is shared by all templates and not checkpointed; sockets and pipes are
+memory is shared by all templates and not checkpointed (the slow path maps
+shared files again and never writes into them); sockets and pipes are
 kept as they are (a harness talking over pipes keeps working).
 """
 

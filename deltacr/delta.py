@@ -24,6 +24,8 @@ Layout (all integers little-endian)::
     64      ...   M mapping records:
                     u64 start, u64 end, u64 file offset, u8 prot (r=1 w=2 x=4),
                     u8 flags (bit 0 private), u16 path length L, u32 reserved,
+                    u64 device (os.makedev), u64 inode of the mapped file (0 for
+                    anonymous memory; version 2 on, version 1 has neither),
                     L bytes of path (UTF-8, surrogateescape)
     ...     ...   R page runs:
                     u64 address, u32 page count N, u8 kind (0 data, 1 zero),
@@ -32,7 +34,10 @@ Layout (all integers little-endian)::
     end-16  16    trailer: magic b"DCREND\\0\\0", u32 CRC-32 of the 64-byte header,
                     u32 CRC-32 of everything between header and trailer
 
-Readers check both magics, the version, the header and body checksums (or, on
+Version 2 added the device and inode: the slow path tells a mapping of one
+file from a mapping of another that was put at the same address under the
+same name (see :func:`same_backing`). Version 1 files are still read (device
+and inode 0: unknown). Readers check both magics, the version, the header and body checksums (or, on
 the replay path, each run's own checksum as its data is read), and cap every
 count by the file's size before trusting it.
 """
@@ -44,19 +49,21 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterator, NamedTuple
+from typing import BinaryIO, Callable, Iterator, NamedTuple, Protocol
 
 from .errors import DeltaFormatError
 
 MAGIC = b"DCRDELTA"
 TRAILER_MAGIC = b"DCREND\0\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FLAG_BASE = 1
 KIND_DATA = 0
 KIND_ZERO = 1
 
 _HEADER = struct.Struct("<8sHHIQQQIIQQ")
-_VMA = struct.Struct("<QQQBBHI")
+_VMA_V1 = struct.Struct("<QQQBBHI")
+_VMA = struct.Struct("<QQQBBHIQQ")
 _RUN = struct.Struct("<QIB3xI")
 _TRAILER = struct.Struct("<8sII")
 assert _HEADER.size == 64 and _TRAILER.size == 16
@@ -72,10 +79,53 @@ class MapRecord(NamedTuple):
     prot: int
     private: bool
     path: str
+    dev: int = 0  # of the mapped file (os.makedev); 0: anonymous, or unknown (a version 1 file)
+    inode: int = 0
 
     @property
     def special(self) -> bool:
         return self.path in ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
+
+
+class Backed(Protocol):
+    """What a mapping is made of: a /proc maps line (procfs.Vma) or a
+    recorded one (MapRecord)."""
+
+    @property
+    def start(self) -> int: ...
+    @property
+    def end(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def private(self) -> bool: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def dev(self) -> int: ...
+    @property
+    def inode(self) -> int: ...
+
+
+def is_anonymous(path: str) -> bool:
+    """No file behind it ("", [heap], [stack], [anon:name]...): its offset means nothing."""
+    return path == "" or path.startswith("[")
+
+
+def same_backing(a: Backed, b: Backed) -> bool:
+    """Do two overlapping mappings put the same thing at the same addresses?
+    Both private or both shared, and both anonymous or the same file (path,
+    and device and inode where both are known) at the same file offset for
+    each address. Protections do not count (mprotect changes them in place).
+    A range whose backing changed between two checkpoints is recorded wholly
+    in the newer one's delta and mapped again by the slow path."""
+    if a.private != b.private or a.path != b.path:
+        return False
+    if is_anonymous(a.path):
+        return True
+    if a.inode and b.inode and (a.dev, a.inode) != (b.dev, b.inode):
+        return False
+    return a.start - a.offset == b.start - b.offset
 
 
 class Run(NamedTuple):
@@ -126,7 +176,8 @@ class DeltaWriter:
         self.f.write(bytes(_HEADER.size))
         for m in maps:
             p = m.path.encode("utf-8", "surrogateescape")
-            self._body(_VMA.pack(m.start, m.end, m.offset, m.prot, 1 if m.private else 0, len(p), 0) + p)
+            self._body(_VMA.pack(m.start, m.end, m.offset, m.prot, 1 if m.private else 0, len(p), 0,
+                                 m.dev, m.inode) + p)
 
     def _body(self, data: bytes | memoryview) -> None:
         self.body_crc = zlib.crc32(data, self.body_crc)
@@ -212,31 +263,34 @@ def _parse(path: str, mv: memoryview, size: int, verify: bool) -> DeltaInfo:
      _r) = _HEADER.unpack(header)
     if magic != MAGIC:
         raise DeltaFormatError(f"{path}: not a deltacr delta file (bad magic {magic!r})")
-    if version != FORMAT_VERSION:
-        raise DeltaFormatError(f"{path}: format version {version}, this deltacr reads {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise DeltaFormatError(f"{path}: format version {version}, this deltacr reads "
+                               f"{', '.join(map(str, READABLE_VERSIONS))}")
     tmagic, hcrc, bcrc = _TRAILER.unpack(mv[size - _TRAILER.size:])
     if tmagic != TRAILER_MAGIC:
         raise DeltaFormatError(f"{path}: trailer missing: the file is truncated or was not finished")
     if zlib.crc32(header) != hcrc:
         raise DeltaFormatError(f"{path}: header checksum mismatch: the file is corrupt")
     body_end = size - _TRAILER.size
-    if nmaps > size // _VMA.size or nruns > size // _RUN.size or page_size not in (4096, 16384, 65536):
+    if nmaps > size // _VMA_V1.size or nruns > size // _RUN.size or page_size not in (4096, 16384, 65536):
         raise DeltaFormatError(f"{path}: counts in the header exceed the file size: corrupt")
     info = DeltaInfo(version, flags, page_size, ck, parent, brk, data_bytes, file_size=size)
     pos = _HEADER.size
     crc = 0
-    vma_unpack, run_unpack, vsize, rsize = _VMA.unpack_from, _RUN.unpack_from, _VMA.size, _RUN.size
+    vma = _VMA if version >= 2 else _VMA_V1
+    vma_unpack, run_unpack, vsize, rsize = vma.unpack_from, _RUN.unpack_from, vma.size, _RUN.size
     maps, runs = info.maps, info.runs
     for _ in range(nmaps):
         if pos + vsize > body_end:
             raise DeltaFormatError(f"{path}: mapping table truncated")
-        start, end, off, prot, mflags, plen, _x = vma_unpack(mv, pos)
+        start, end, off, prot, mflags, plen, _x, *ident = vma_unpack(mv, pos)
         if plen > 4096 or pos + vsize + plen > body_end:
             raise DeltaFormatError(f"{path}: mapping path of {plen} bytes: corrupt")
         p = bytes(mv[pos + vsize:pos + vsize + plen])  # a copy: no view may outlive the mapping
         if verify:
             crc = zlib.crc32(mv[pos:pos + vsize + plen], crc)
-        maps.append(MapRecord(start, end, off, prot, bool(mflags & 1), p.decode("utf-8", "surrogateescape")))
+        maps.append(MapRecord(start, end, off, prot, bool(mflags & 1), p.decode("utf-8", "surrogateescape"),
+                              *ident))
         pos += vsize + plen
     for _ in range(nruns):
         if pos + rsize > body_end:

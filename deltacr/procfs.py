@@ -20,6 +20,8 @@ class Vma:
     perms: str  # e.g. "rw-p"
     offset: int
     path: str
+    dev: int = 0  # os.makedev(major, minor) of the mapped file; 0 for anonymous memory
+    inode: int = 0
 
     @property
     def prot(self) -> int:
@@ -136,8 +138,10 @@ def read_maps(pid: int) -> list[Vma]:
         if len(parts) < 5:
             continue
         lo, _, hi = parts[0].partition("-")
+        major, _, minor = parts[3].partition(":")
         vmas.append(Vma(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16),
-                        parts[5] if len(parts) > 5 else ""))
+                        parts[5] if len(parts) > 5 else "", os.makedev(int(major, 16), int(minor, 16)),
+                        int(parts[4])))
     return vmas
 
 

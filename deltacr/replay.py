@@ -5,14 +5,19 @@ For each delta on the path from the ancestor to the target, in order:
 
 1. move the program break to the delta's (``brk``; the heap is never
    mmapped/munmapped by hand, so the kernel's idea of the break stays right);
-2. ``munmap`` what is mapped now but not in the delta's layout;
+2. ``munmap`` what is mapped now but not in the delta's layout, and what is
+   backed by something else than the layout says (file or anonymous, shared
+   or private, which file at which offset: :func:`deltacr.delta.same_backing`;
+   see :func:`reconcile` for which differences count);
 3. ``mmap(MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS)`` what the layout has and the
    process lacks (new mappings are recorded wholly in the delta, so an anonymous
-   mapping with their content is bit-identical; shared mappings created after
-   the ancestor come back as private copies);
+   mapping with their content is bit-identical); a shared mapping of a file
+   that is still there is mapped again from the file, as the fast path's
+   template has it; other shared memory comes back as a private copy;
 4. ``mprotect`` where protections differ;
 5. write the recorded pages through ``/proc/PID/mem`` (zero runs inside a
-   mapping created in step 3 are skipped: they are already zero). Pages are
+   mapping created in step 3 are skipped: they are already zero; nothing is
+   ever written into shared memory). Pages are
    written once, from the newest delta that has them (see :func:`plan`),
    straight from the mapped delta files, each run's checksum checked (a
    long run's on a second thread while it is written).
@@ -26,15 +31,21 @@ from __future__ import annotations
 import bisect
 import mmap
 import os
+import stat
 import zlib
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from . import _sys
-from .delta import KIND_ZERO, DeltaInfo, MapRecord, Run
+from .delta import KIND_ZERO, Backed, DeltaInfo, MapRecord, Run, is_anonymous, same_backing
 from .errors import DeltaFormatError, RestoreFailed
 from .procfs import Vma, read_maps, start_brk
 from .dirty import RunSyscall
+from .restore import open_in
+
+T = TypeVar("T", Vma, MapRecord)
 
 Interval = tuple[int, int]
 BIG_RUN = 1 << 20  # bytes: a run this long has its checksum taken while it is written
@@ -101,9 +112,61 @@ class ReplayStats:
     delta_bytes: int = 0  # page data in the replayed deltas (superseded pages included)
 
 
-def reconcile(pid: int, run: RunSyscall, target: list[MapRecord], brk: int, stats: ReplayStats
-              ) -> list[Interval]:
-    """Make pid's layout match ``target``; returns the ranges mapped fresh."""
+def _overlaps(m: Backed, others: Sequence[Backed], ends: list[int]) -> Iterator[tuple[Interval, Backed]]:
+    """The mappings of ``others`` (sorted, disjoint; ``ends`` their ends) that
+    overlap m, each with the part of m it covers."""
+    i = bisect.bisect_right(ends, m.start)
+    while i < len(others) and others[i].start < m.end:
+        o = others[i]
+        yield (max(o.start, m.start), min(o.end, m.end)), o
+        i += 1
+
+
+def _open_mapped_file(pid: int, run: RunSyscall, m: MapRecord, stats: ReplayStats) -> int:
+    """Open in pid the regular file that m maps shared, if it is still there
+    under its name (and is the same file, where the record has its device
+    and inode): read-write when it can be (mprotect may add PROT_WRITE to a
+    shared mapping later only if its file was opened for writing), read-only
+    when m is not writable. The fd, or -1."""
+    if is_anonymous(m.path) or not m.path.startswith("/") or m.path.endswith(" (deleted)"):
+        return -1  # shared anonymous memory, memfd, SysV shm: no file to map again
+    try:
+        st = os.stat(f"/proc/{pid}/root{m.path}")  # the name as the process resolves it
+    except OSError:
+        return -1
+    if not stat.S_ISREG(st.st_mode) or (m.inode and (st.st_dev, st.st_ino) != (m.dev, m.inode)):
+        return -1
+    stats.syscalls += 3
+    fd = open_in(pid, run, m.path, os.O_RDWR | os.O_CLOEXEC)
+    if fd < 0 and not m.prot & _sys.PROT_WRITE:
+        stats.syscalls += 3
+        fd = open_in(pid, run, m.path, os.O_RDONLY | os.O_CLOEXEC)
+    return fd if fd >= 0 else -1
+
+
+def reconcile(pid: int, run: RunSyscall, target: list[MapRecord], brk: int, stats: ReplayStats,
+              before: list[MapRecord] | None = None) -> list[Interval]:
+    """Make pid's layout match ``target``; returns the ranges mapped fresh
+    (anonymous, private, all zero).
+
+    A range is kept or mapped again by what backs it (:func:`same_backing`),
+    not by its addresses alone. ``before`` is the layout recorded just
+    before ``target`` (the previous delta's, or the base checkpoint's; None:
+    pid's own). A range whose backing changed since is recorded wholly in
+    the target's delta: it is mapped again, anonymous and private, and the
+    delta fills it. Where the record shows no change the process's private
+    memory is kept even when its backing differs: a template re-made by an
+    earlier slow path holds private copies of what that one could not map
+    again, and their content is the checkpoint's.
+
+    Shared memory is kept only where it is the very mapping wanted: anything
+    else would have the delta's pages written through it, into its file
+    (the pages are never written into shared memory: :func:`replay`). A
+    shared file mapping the target has and pid lacks is mapped again from
+    the file, shared: the fast path keeps the template's, which shows the
+    file as it is now (shared memory is not checkpointed). Where the file is
+    gone or replaced, or the memory was shared anonymous, the range comes
+    back as a private copy of its recorded content."""
 
     def sc(nr: int, *args: int, what: str) -> int:
         stats.syscalls += 1
@@ -122,23 +185,45 @@ def reconcile(pid: int, run: RunSyscall, target: list[MapRecord], brk: int, stat
             raise RestoreFailed(f"pid {pid}: slow-path restore: brk({want_brk:#x}) gave {got:#x}")
         cur = read_maps(pid)
 
-    def plain(items: list[Vma] | list[MapRecord]) -> list[Interval]:
-        return [(v.start, v.end) for v in items if not v.special and not _is_heap(v.path)]
+    def plain(items: Sequence[T]) -> list[T]:  # the heap moves with brk alone
+        return [v for v in items if not v.special and not _is_heap(v.path)]
 
-    want = plain(target)
-    have = plain(cur)
-    for s, e in merge(subtract(have, want)):
-        sc(_sys.SYS_munmap, s, e - s, what=f"munmap {s:#x}-{e:#x}")
-    fresh: list[Interval] = []
-    for m in target:
-        if m.special or _is_heap(m.path):
-            continue
-        for s, e in subtract([(m.start, m.end)], have):
-            flags = _sys.MAP_FIXED | _sys.MAP_PRIVATE | _sys.MAP_ANONYMOUS
-            got = sc(_sys.SYS_mmap, s, e - s, m.prot, flags, -1, 0, what=f"mmap {s:#x}-{e:#x}")
-            if got != s:
-                raise RestoreFailed(f"pid {pid}: slow-path restore: mmap at {s:#x} landed at {got:#x}")
-            fresh.append((s, e))
+    mine, want = plain(cur), plain(target)
+    old: Sequence[Backed] = plain(before) if before is not None else mine
+    mine_ends, old_ends = [v.end for v in mine], [m.end for m in old]
+    keep: list[Interval] = []
+    files: dict[int, int] = {}  # index in want -> fd in pid of the file to map shared again
+    try:
+        for i, m in enumerate(want):
+            same = [r for r, v in _overlaps(m, mine, mine_ends) if same_backing(v, m)]
+            if not m.private and subtract([(m.start, m.end)], same):
+                fd = _open_mapped_file(pid, run, m, stats)
+                if fd >= 0:
+                    files[i] = fd
+                    keep += same
+                    continue
+            unchanged = [r for r, o in _overlaps(m, old, old_ends) if same_backing(o, m)]
+            private = [r for r, v in _overlaps(m, mine, mine_ends) if v.private]
+            keep += same + intersect(unchanged, private)
+        keep = merge(keep)
+        for s, e in merge(subtract([(v.start, v.end) for v in mine], keep)):
+            sc(_sys.SYS_munmap, s, e - s, what=f"munmap {s:#x}-{e:#x}")
+        fresh: list[Interval] = []
+        for i, m in enumerate(want):
+            fd = files.get(i, -1)
+            for s, e in subtract([(m.start, m.end)], keep):
+                if fd >= 0:
+                    flags, off = _sys.MAP_FIXED | _sys.MAP_SHARED, m.offset + (s - m.start)
+                else:
+                    flags, off = _sys.MAP_FIXED | _sys.MAP_PRIVATE | _sys.MAP_ANONYMOUS, 0
+                    fresh.append((s, e))
+                got = sc(_sys.SYS_mmap, s, e - s, m.prot, flags, fd, off, what=f"mmap {s:#x}-{e:#x}")
+                if got != s:
+                    raise RestoreFailed(f"pid {pid}: slow-path restore: mmap at {s:#x} landed at {got:#x}")
+    finally:  # an fd the program never opened must not stay in it
+        for fd in files.values():
+            stats.syscalls += 1
+            run(_sys.SYS_close, fd)
     # protections
     cur = read_maps(pid)
     for m in target:
@@ -187,9 +272,11 @@ class _Task:
     needed: list[Interval]
 
 
-def plan(deltas: list[tuple[str, DeltaInfo]], final: list[MapRecord]) -> list[_Task]:
+def plan(deltas: list[tuple[str, DeltaInfo]], final: list[MapRecord], shared: list[Interval]) -> list[_Task]:
     """Which part of which run ends up in the process: the newest delta wins,
-    pages outside the final layout are dropped. Runs entirely superseded by a
+    pages outside the final layout are dropped, and so are pages where the
+    process has shared memory (``shared``): written there they would land in
+    a file, or in memory the templates share. Runs entirely superseded by a
     newer delta are never read.
 
     A page of an older delta is also dropped where any newer delta's layout
@@ -200,7 +287,7 @@ def plan(deltas: list[tuple[str, DeltaInfo]], final: list[MapRecord]) -> list[_T
     stale pages back, and glibc's malloc found its lists corrupted.)"""
     cover = _Cover()
     tasks: list[_Task] = []
-    keep = merge([(m.start, m.end) for m in final if not m.special])
+    keep = subtract(merge([(m.start, m.end) for m in final if not m.special]), shared)
     for path, info in reversed(deltas):
         keep = intersect(keep, merge([(m.start, m.end) for m in info.maps if not m.special]))
         for r in info.runs:
@@ -302,18 +389,22 @@ def _pwrite_all(fd: int, data: memoryview, addr: int, pid: int) -> None:
         done += n
 
 
-def replay(pid: int, run: RunSyscall, deltas: list[tuple[str, DeltaInfo]]) -> ReplayStats:
+def replay(pid: int, run: RunSyscall, deltas: list[tuple[str, DeltaInfo]],
+           base_layout: list[MapRecord] | None) -> ReplayStats:
     """Reconcile the layout delta by delta, then write each page once: its
     content in the newest delta that has it (a mapping that appears in a delta
-    is recorded wholly there, so no older page can be needed inside it)."""
+    is recorded wholly there, so no older page can be needed inside it).
+    ``base_layout``: the layout recorded for the checkpoint whose template pid
+    was forked from (None if its delta is not written)."""
     stats = ReplayStats()
     fresh: list[Interval] = []
-    prev: tuple[int, list[MapRecord]] | None = None
+    prev: tuple[int, list[MapRecord] | None] = (-1, base_layout)
     for _path, info in deltas:
         if (info.brk, info.maps) != prev:  # the same layout as the delta before: reconciled already
-            fresh += reconcile(pid, run, info.maps, info.brk, stats)
+            fresh += reconcile(pid, run, info.maps, info.brk, stats, prev[1])
         prev = (info.brk, info.maps)
     if deltas:
         stats.delta_bytes = sum(info.data_bytes for _p, info in deltas)
-        apply_planned(pid, run, plan(deltas, deltas[-1][1].maps), fresh, stats)
+        shared = [(v.start, v.end) for v in read_maps(pid) if not v.private]
+        apply_planned(pid, run, plan(deltas, deltas[-1][1].maps, shared), fresh, stats)
     return stats

@@ -39,11 +39,15 @@ def with_scratch(pid: int, run: RunSyscall, data: bytes, nr: int,
         run(_sys.SYS_munmap, addr, size)
 
 
+def open_in(pid: int, run: RunSyscall, path: str, flags: int) -> int:
+    """Injected openat(path, flags) in pid: the new fd, or -errno."""
+    flags &= ~(os.O_CREAT | os.O_TRUNC | os.O_EXCL)  # reopen what exists, never create or truncate
+    return with_scratch(pid, run, os.fsencode(path) + b"\0", _sys.SYS_openat, lambda a: (AT_FDCWD, a, flags, 0))
+
+
 def reopen(pid: int, run: RunSyscall, f: FdPos) -> int:
     """Open f.path again in pid with f's flags, at fd number f.fd."""
-    flags = f.flags & ~(os.O_CREAT | os.O_TRUNC | os.O_EXCL)
-    fd = with_scratch(pid, run, os.fsencode(f.path) + b"\0", _sys.SYS_openat,
-                      lambda a: (AT_FDCWD, a, flags, 0))
+    fd = open_in(pid, run, f.path, f.flags)
     if fd < 0:
         return fd
     if fd != f.fd:

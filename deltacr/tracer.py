@@ -44,7 +44,7 @@ from .replay import ReplayStats, merge, reconcile, replay
 from .restore import restore_cwd_and_mask, restore_fds, revalidate_files
 from .session import Checkpoint, CheckpointInfo, Session, default_store
 from .templates import TemplatePool
-from .writer import DeltaJob, write_delta
+from .writer import DeltaJob, layout_of, write_delta
 
 T = TypeVar("T")
 
@@ -563,7 +563,7 @@ class ProcessCheckpointer:
         with self._lock:
             layout = self._layouts.get(cid)
         if layout:
-            return lambda: [Vma(m.start, m.end, _perms(m), m.offset, m.path) for m in layout]
+            return lambda: [Vma(m.start, m.end, _perms(m), m.offset, m.path, m.dev, m.inode) for m in layout]
         return lambda: read_maps(pid)
 
     def _arm(self, cid: int, sp: _Spare) -> None:
@@ -905,7 +905,7 @@ class ProcessCheckpointer:
         assert self._regs is not None
         regs = ck.registers
         run = self._run_in(live, self._regs)
-        layout = [MapRecord(v.start, v.end, v.offset, v.prot, v.private, v.path) for v in read_maps(tpl)]
+        layout = layout_of(read_maps(tpl))
         stats = ReplayStats()
         try:
             reconcile(live, run, layout, 0, stats)
@@ -1009,9 +1009,9 @@ class ProcessCheckpointer:
                     deltas.append((p, read_delta(p, verify=False)))
                 base_pid = self.pool.pid(base_id)
                 assert base_pid is not None
-                base_vdso = [m for m in read_delta(self.session.delta_path(base_id), verify=False).maps
-                             if m.path == "[vdso]"] if self.session.checkpoints[base_id].delta_state == "written" \
-                    else []
+                with self._lock:  # the base's recorded layout, once its delta is written
+                    base_layout = self._layouts.get(base_id)
+                base_vdso = [m for m in base_layout or [] if m.path == "[vdso]"]
                 want_vdso = [m for m in deltas[-1][1].maps if m.path == "[vdso]"]
                 if base_vdso and want_vdso and base_vdso[0].start != want_vdso[0].start:
                     raise RestoreFailed(
@@ -1024,7 +1024,7 @@ class ProcessCheckpointer:
                 depth = self.session.checkpoints[base_id].depth + 1
                 inject.set_options(new, LIVE_OPTIONS)
                 run = self._run_in(new, regs, addr)
-                stats = replay(new, run, deltas)
+                stats = replay(new, run, deltas, base_layout)
                 replayed = stats.bytes_written
                 delta_bytes = stats.delta_bytes
                 if ck.xstate:  # the base template's vector registers are not this checkpoint's

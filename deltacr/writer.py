@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ._sys import PAGE_SIZE
-from .delta import DeltaWriter, MapRecord
+from .delta import DeltaWriter, MapRecord, same_backing
 from .dirty import DirtySet, tracked
 from .procfs import Vma, read_maps
 from .replay import intersect, merge, subtract
@@ -22,7 +22,7 @@ CHUNK = 1 << 20
 
 
 def layout_of(vmas: list[Vma]) -> list[MapRecord]:
-    return [MapRecord(v.start, v.end, v.offset, v.prot, v.private, v.path) for v in vmas]
+    return [MapRecord(v.start, v.end, v.offset, v.prot, v.private, v.path, v.dev, v.inode) for v in vmas]
 
 
 def fresh_ranges(layout: list[MapRecord], parent: list[MapRecord] | None) -> list[tuple[int, int]]:
@@ -36,9 +36,7 @@ def fresh_ranges(layout: list[MapRecord], parent: list[MapRecord] | None) -> lis
         if parent is None:
             out.append((m.start, m.end))
             continue
-        same = [(p.start, p.end) for p in parent
-                if p.prot == m.prot and p.path == m.path and p.private == m.private
-                and (p.start - m.start == p.offset - m.offset or not p.path or p.path.startswith("["))]
+        same = [(p.start, p.end) for p in parent if p.prot == m.prot and same_backing(p, m)]
         out += subtract([(m.start, m.end)], same)
     return merge(out)
 

@@ -306,6 +306,12 @@ def memory_image(pid: int) -> dict[tuple[int, int, str], bytes]:
     return out
 
 
+# libc's mmap/munmap in a REPL: to place memory at an address of the test's choosing
+LIBC_SETUP = ("import ctypes; libc = ctypes.CDLL(None, use_errno=True); libc.mmap.restype = ctypes.c_void_p; "
+              "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, "
+              "ctypes.c_int, ctypes.c_long]; libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]; "
+              "RW = 3; FLAGS = 0x02 | 0x20; SHARED = 0x01; NOREPLACE = 0x100000")  # MAP_PRIVATE | MAP_ANONYMOUS
+
 RSEQ_SETUP = ("import ctypes; _libc = ctypes.CDLL(None); _libc.pthread_self.restype = ctypes.c_void_p; "
               "RSEQ = _libc.pthread_self() + ctypes.c_long.in_dll(_libc, '__rseq_offset').value")
 

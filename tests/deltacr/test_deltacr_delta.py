@@ -13,7 +13,8 @@ PS = 4096
 
 
 def _write(path: str) -> list[MapRecord]:
-    maps = [MapRecord(0x10000, 0x20000, 0, 3, True, ""), MapRecord(0x40000, 0x41000, 0x2000, 5, True, "/lib/x.so")]
+    maps = [MapRecord(0x10000, 0x20000, 0, 3, True, ""), MapRecord(0x40000, 0x41000, 0x2000, 5, True, "/lib/x.so",
+                                                               os.makedev(259, 1), 1 << 40)]
     w = DeltaWriter(path, checkpoint_id=7, parent_id=3, brk=0x30000, maps=maps, page_size=PS)
     page = bytes(range(256)) * 16
     w.add(0x10000, page + bytes(PS) * 2 + page)  # data, zero, zero, data
@@ -71,3 +72,19 @@ def test_newer_format_version_is_refused(tmp_path: object) -> None:
         f.write((FORMAT_VERSION + 1).to_bytes(2, "little"))
     with pytest.raises(DeltaFormatError, match="format version"):
         read_delta(path)
+
+
+def test_version_1_files_are_still_read(tmp_path: object) -> None:
+    # version 1 had no device and inode in its mapping records: read as 0 (unknown)
+    import zlib
+    from deltacr import delta
+    path = os.path.join(str(tmp_path), "7.delta")
+    p = b"/lib/x.so"
+    body = delta._VMA_V1.pack(0x40000, 0x41000, 0x2000, 5, 1, len(p), 0) + p
+    body += delta._RUN.pack(0x40000, 1, delta.KIND_ZERO, 0)
+    header = delta._HEADER.pack(delta.MAGIC, 1, 0, PS, 7, 3, 0, 1, 1, 0, 0)
+    with open(path, "wb") as f:
+        f.write(header + body + delta._TRAILER.pack(delta.TRAILER_MAGIC, zlib.crc32(header), zlib.crc32(body)))
+    info = read_delta(path)
+    assert info.version == 1 and info.maps == [MapRecord(0x40000, 0x41000, 0x2000, 5, True, "/lib/x.so", 0, 0)]
+    assert [(r.addr, r.kind) for r in info.runs] == [(0x40000, delta.KIND_ZERO)]

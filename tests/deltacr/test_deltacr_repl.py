@@ -12,7 +12,7 @@ from deltacr import DeltaCRError, available_backends
 from deltacr.delta import read_delta
 from deltacr.procfs import read_stat
 
-from deltacr_helpers import RSEQ_SETUP, Lab, flatten, is_alive, memory_image, tracer_of
+from deltacr_helpers import LIBC_SETUP, RSEQ_SETUP, Lab, flatten, is_alive, memory_image, tracer_of
 
 BACKENDS = available_backends()  # uffd-wp here, plus the content-compare fallback everywhere
 
@@ -105,17 +105,14 @@ def test_slow_path_memory_unmapped_then_mapped_again_comes_back_zero(lab: Lab, s
                                                                      backend: str) -> None:
     # A region written at checkpoint 2, unmapped at 3, mapped again (never
     # written) at 4: the slow path to 4 must not put checkpoint 2's pages back.
-    r = lab.repl("import ctypes; libc = ctypes.CDLL(None, use_errno=True); libc.mmap.restype = ctypes.c_void_p; "
-                 "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, "
-                 "ctypes.c_int, ctypes.c_long]; libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]; "
-                 "N = 256 << 10; RW = 3; FLAGS = 0x02 | 0x20")  # MAP_PRIVATE | MAP_ANONYMOUS
+    r = lab.repl(LIBC_SETUP + "; N = 256 << 10")
     cp = lab.checkpointer(r.pid, store, backend=backend, max_templates=8)
     cp.checkpoint("root")
     r.run("A = libc.mmap(None, N, RW, FLAGS, -1, 0); ctypes.memset(A, 0x41, N)")
     c2 = cp.checkpoint("written").id
     r.run("libc.munmap(A, N)")
     c3 = cp.checkpoint("unmapped").id
-    r.run("B = libc.mmap(A, N, RW, FLAGS | 0x100000, -1, 0)")  # MAP_FIXED_NOREPLACE: the same place
+    r.run("B = libc.mmap(A, N, RW, FLAGS | NOREPLACE, -1, 0)")  # the same place
     assert r.eval("B == A")
     c4 = cp.checkpoint("mapped again").id
     r.run("ctypes.memset(B, 0x42, N)")
