@@ -58,17 +58,35 @@ def reopen(pid: int, run: RunSyscall, f: FdPos) -> int:
     return f.fd
 
 
+F_SETFD = 2
+FD_CLOEXEC = 1
+# The status flags of an open file that change what the program can do with
+# it (/proc/PID/fdinfo shows them; O_LARGEFILE, which the kernel adds to
+# every open on 64-bit, is left out).
+OPEN_MODE_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
+                   | os.O_DIRECT | os.O_PATH)
+
+
+def _opened_otherwise(cur: FdPos, want: FdPos) -> bool:
+    """Is the regular file at this fd open with other status flags than the
+    checkpoint's (the fd was closed and the file opened again: read-only
+    where the checkpoint had it for appending, say)? Then it is reopened."""
+    return cur.regular and want.regular and bool((cur.flags ^ want.flags) & OPEN_MODE_FLAGS)
+
+
 def restore_fds(pid: int, run: RunSyscall, fds: list[FdPos], whole_table: bool, keep: int | None) -> list[str]:
     """Put regular files' offsets back (injected lseek). With ``whole_table``
-    (slow path, in place) also reopen regular files that are missing or point
-    elsewhere and close fds the checkpoint did not have (except ``keep``, the
-    tracker's own fd). Returns warnings for what could not be restored."""
+    (slow path, in place) also reopen regular files that are missing, point
+    elsewhere or are open with other status flags (:data:`OPEN_MODE_FLAGS`),
+    set close-on-exec where only it differs, and close fds the checkpoint did
+    not have (except ``keep``, the tracker's own fd). Returns warnings for
+    what could not be restored."""
     warnings: list[str] = []
     have = {f.fd: f for f in read_fd_positions(pid)} if whole_table else {}
     for f in fds:
         if whole_table and f.fd != keep:
             cur = have.get(f.fd)
-            if cur is None or cur.path != f.path:
+            if cur is None or cur.path != f.path or _opened_otherwise(cur, f):
                 if not f.regular:
                     warnings.append(f"fd {f.fd} ({f.path}) is not a regular file and was not open in the "
                                     "process restored from: it cannot be reopened")
@@ -77,6 +95,10 @@ def restore_fds(pid: int, run: RunSyscall, fds: list[FdPos], whole_table: bool, 
                 if fd < 0:
                     warnings.append(f"fd {f.fd}: reopening {f.path} failed: {os.strerror(-fd)}")
                     continue
+            elif (cur.flags ^ f.flags) & os.O_CLOEXEC:  # a flag of the fd, not of the open file: no reopen
+                res = run(_sys.SYS_fcntl, f.fd, F_SETFD, FD_CLOEXEC if f.flags & os.O_CLOEXEC else 0)
+                if res < 0:
+                    warnings.append(f"fd {f.fd}: setting close-on-exec failed: {os.strerror(-res)}")
         if f.regular:
             res = run(_sys.SYS_lseek, f.fd, f.pos, os.SEEK_SET)
             if res < 0:

@@ -231,6 +231,36 @@ def test_file_offsets_are_restored_fast_and_slow(lab: Lab, store: str, tmp_path:
     assert r.eval("os.path.samefile(f'/proc/self/fd/{h.fileno()}', %r)" % path)
 
 
+def test_slow_path_reopens_a_file_whose_open_flags_changed(lab: Lab, store: str, tmp_path: object) -> None:
+    # The fd number and the file are the same at both checkpoints, the open
+    # flags are not: the slow path must not keep the base's read-only fd.
+    path = os.path.join(str(tmp_path), "log.txt")
+    with open(path, "wb") as f:
+        f.write(b"abc")
+    r = lab.repl(f"P = {path!r}; fd = os.open(P, os.O_RDONLY); g = os.open(P, os.O_RDONLY)")
+    cp = lab.checkpointer(r.pid, store, max_templates=8, rehydrate=False)
+    cp.checkpoint("read-only, both close-on-exec")
+    r.run("os.close(fd); fd2 = os.open(P, os.O_WRONLY | os.O_APPEND); os.set_inheritable(g, True)")
+    assert r.eval("fd2 == fd")
+    c2 = cp.checkpoint("fd appends, g inherited by exec").id
+    r.run("os.close(fd2); fd2 = os.open(P, os.O_RDONLY)")
+    cp.wait_background()
+    assert cp.evict(c2)
+    res = cp.rollback(c2)
+    assert res.path == "slow" and res.warnings == []
+    assert r.eval("os.write(fd2, b'def')") == 3
+    with open(path, "rb") as f:
+        assert f.read() == b"abcdef"
+
+    def flags(fd: int) -> int:
+        with open(f"/proc/{res.pid}/fdinfo/{fd}") as f:
+            return int(f.read().split("flags:")[1].split()[0], 8)
+    fd, g = r.eval("fd2, g")
+    assert flags(fd) & (os.O_ACCMODE | os.O_APPEND) == os.O_WRONLY | os.O_APPEND
+    assert flags(g) & (os.O_ACCMODE | os.O_CLOEXEC) == os.O_RDONLY
+    assert r.eval("os.get_inheritable(g), os.read(g, 3)") == (True, b"abc")
+
+
 def test_tree_of_checkpoints_rollback_to_any_node(lab: Lab, store: str) -> None:
     r = lab.repl("state = []; blob = bytearray(4 << 20)")
     cp = lab.checkpointer(r.pid, store, max_templates=4)
