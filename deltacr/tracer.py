@@ -336,6 +336,7 @@ class ProcessCheckpointer:
         self._execs: list[int] = []  # the live process called execve since we last looked
         self._orphans: set[int] = set()  # descendants of replaced processes, reaped when they exit
         self._dead_templates: set[int] = set()  # killed templates whose parent still has to reap them
+        self._dead_children: set[int] = set()  # killed children of templates and spares, to reap inside them
         self._retiring: list[int] = []  # replaced live processes, still stopped, to kill when idle
         self._unfinished: list[Callable[[], None]] = []  # captures to record once the process runs
         self.last_capture_ms = 0.0  # the last capture's time (fork and all): callers start the slowest first
@@ -497,6 +498,8 @@ class ProcessCheckpointer:
                     self.exit_status = status
                     break
         self._reap_dying()
+        if not busy and self._dead_children and self._tracer_idle():
+            busy = self._reap_in_templates()
         now = time.monotonic()
         if now - self._last_slow > 1.0:
             self._last_slow = now
@@ -671,8 +674,11 @@ class ProcessCheckpointer:
         self._orphan(spare.pid)
 
     def _orphan(self, pid: int) -> None:
-        """A dead spare stays a zombie of its template, then (template gone)
-        of the subreaper: reap it then."""
+        """A killed spare (or a failed rollback's process) stays a zombie of
+        its template: reaped from inside it when idle
+        (:meth:`_reap_in_templates`); once the template is gone, of the
+        subreaper: reaped then."""
+        self._dead_children.add(pid)
         if self._reap:
             self._orphans.add(pid)
 
@@ -685,6 +691,10 @@ class ProcessCheckpointer:
         try:
             os.kill(pid, signal.SIGKILL)
             self._dying.add(pid)
+            # mostly a child of a template, which never waits: reaped from
+            # inside it later (not added to _orphans: the process attached
+            # to may be the host's own child, and those are the host's to reap)
+            self._dead_children.add(pid)
         except ProcessLookupError:
             pass
 
@@ -843,30 +853,85 @@ class ProcessCheckpointer:
         """A killed template stays a zombie until its parent -- usually the live
         process, which does not know it has that child -- waits for it. Wait for
         it from inside the parent (injected wait4) while the parent is stopped."""
-        run = None
-        for tpid in list(self._dead_templates):
-            if tpid in self._dying:  # the tracer collects a dead tracee first, then its parent can
+        for parent, zombies in self._zombies(self._dead_templates).items():
+            if parent != live:  # reparented: its new parent (a subreaper, init) reaps it
+                self._dead_templates.difference_update(zombies)
+                continue
+            self._wait_in(self._run_in(live, regs), zombies, self._dead_templates)
+
+    def _reap_in_templates(self) -> bool:
+        """Reap the zombies of templates and spares. A process we killed
+        whose parent is one (a replaced live process, a dead spare, a failed
+        rollback's process) stays a zombie: a frozen process never waits,
+        and long tree searches would run out of pids. Called when the tracer
+        is idle, so no operation waits for it: per parent, the registers
+        saved, an injected wait4 per zombie, the registers put back exactly.
+        Nothing else of the frozen image changes: wait4 writes no memory
+        (NULL status and rusage), a syscall keeps the vector registers, and
+        the kernel's rewrite of the rseq area's cpu fields on the return to
+        user mode happens at every injection into a template (a spare's
+        fork too). The child's death queued a SIGCHLD for the parent (queued
+        although ignored, since the parent is traced); the injection steps
+        past its delivery, which discards it: the image had neither that
+        child nor that signal. A process forked from the template would not
+        inherit a pending signal anyway, and a template that had a child
+        besides its spare is never resumed itself. True if it reaped."""
+        if not self._dead_children:
+            return False
+        with self._lock:
+            frozen = {t: c for c, t in self.pool.items()}
+            frozen.update({sp.pid: c for c, sp in self._spares.items()})
+        did = False
+        for parent, zombies in self._zombies(self._dead_children).items():
+            cid = frozen.get(parent)
+            if cid is None:  # not frozen by us: the attached process's parent, or a subreaper/init
+                self._dead_children.difference_update(zombies)
+                continue
+            did = True
+            try:
+                saved = _sys.ptrace_getregs(parent)
                 try:
-                    if _sys.waitpid(tpid, _sys.WNOHANG)[0]:
-                        self._dying.discard(tpid)
+                    run = self._run_in(parent, saved, self.session.checkpoints[cid].syscall_addr)
+                    self._wait_in(run, zombies, self._dead_children)
+                finally:
+                    _sys.ptrace_setregs(parent, saved)
+            except (DeltaCRError, OSError) as e:  # the template died meanwhile, say: its zombies go elsewhere
+                self._dead_children.difference_update(zombies)
+                self.warnings.append(f"reaping {zombies} inside the template {parent} of checkpoint {cid}: {e}")
+        return did
+
+    def _zombies(self, pids: set[int]) -> dict[int, list[int]]:
+        """Of ``pids`` (processes we killed), those that wait as zombies for
+        their parent, by parent. The gone are dropped from ``pids``; one the
+        tracer has not collected yet stays for later (its parent cannot reap
+        it before the tracer has)."""
+        out: dict[int, list[int]] = {}
+        for pid in list(pids):
+            if pid in self._dying:
+                try:
+                    if _sys.waitpid(pid, _sys.WNOHANG)[0]:
+                        self._dying.discard(pid)
                 except ChildProcessError:
-                    self._dying.discard(tpid)
-                if tpid in self._dying:
+                    self._dying.discard(pid)
+                if pid in self._dying:
                     continue
             try:
-                st = read_stat(tpid)
+                st = read_stat(pid)
             except NoSuchProcess:
-                self._dead_templates.discard(tpid)
+                pids.discard(pid)
                 continue
-            if st.state != "Z":
-                continue
-            if st.ppid != live:  # reparented: its new parent (a subreaper, init) reaps it
-                self._dead_templates.discard(tpid)
-                continue
-            run = run or self._run_in(live, regs)
-            res = run(_sys.SYS_wait4, tpid, 0, os.WNOHANG, 0)
-            if res == tpid or res < 0:
-                self._dead_templates.discard(tpid)
+            if st.state == "Z":
+                out.setdefault(st.ppid, []).append(pid)
+        return out
+
+    @staticmethod
+    def _wait_in(run: Callable[..., int], zombies: list[int], pids: set[int]) -> None:
+        """Reap zombies from inside their stopped parent (``run`` injects
+        there): wait4(pid, NULL, WNOHANG | __WALL, NULL) each."""
+        for z in zombies:
+            res = run(_sys.SYS_wait4, z, 0, os.WNOHANG | _sys.WALL, 0)
+            if res == z or res < 0:
+                pids.discard(z)
 
     def _evict(self) -> None:
         with self._lock:

@@ -276,6 +276,20 @@ def reap_zombies() -> None:
             pass
 
 
+def zombies_of(parents: set[int]) -> list[int]:
+    """Zombies whose parent is one of ``parents``."""
+    out = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] == "Z" and int(fields[1]) in parents:
+            out.append(int(name))
+    return out
+
+
 def is_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
