@@ -11,10 +11,11 @@ import time
 from typing import Any
 
 from . import errors
-from .daemon import socket_path
-from .errors import AlreadyTraced, DaemonError, DeltaCRError, NotAttached
+from .daemon import run_dir, socket_path
+from .errors import AlreadyTraced, DaemonError, DeltaCRError, NotAttached, NotPermitted
+from .procfs import deltacr_session
 from .session import CheckpointInfo
-from .tracer import CheckpointResult, RollbackResult, refuse_untraceable
+from .tracer import CheckpointResult, RollbackResult, already_in_session, refuse_untraceable
 
 
 class Client:
@@ -32,8 +33,10 @@ class Client:
             try:
                 s.connect(self.path)
             except (FileNotFoundError, ConnectionRefusedError):
-                raise NotAttached(f"pid {self.pid}: no deltacr daemon is tracing it (no {self.path}); "
-                                  f"run `deltacr attach {self.pid}` first") from None
+                raise NotAttached(self._not_attached()) from None
+            except PermissionError:
+                raise NotPermitted(f"pid {self.pid}: the deltacr daemon's socket {self.path} is not open to this "
+                                   "user: run as root, or as the user who attached") from None
             s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
             buf = b""
             while not buf.endswith(b"\n"):
@@ -54,6 +57,13 @@ class Client:
         if not (isinstance(cls, type) and issubclass(cls, DeltaCRError)):
             cls = DeltaCRError
         raise cls(reply["error"])
+
+    def _not_attached(self) -> str:
+        session = deltacr_session(self.pid)
+        if session is not None and session[0] != self.pid:  # named by its live pid
+            return already_in_session(self.pid, *session)
+        return (f"pid {self.pid}: no deltacr daemon is tracing it (no {self.path}); "
+                f"run `deltacr attach {self.pid}` first")
 
     def ping(self) -> dict[str, Any]:
         return self._call("ping")  # type: ignore[no-any-return]
@@ -97,9 +107,7 @@ def attach(pid: int, store: str | None = None, max_templates: int = 8, backend: 
         info = client.ping()
         raise AlreadyTraced(f"pid {pid} is already attached by deltacr daemon {info['daemon_pid']}; "
                             f"use it, or `deltacr detach {pid}` first")
-    except NotAttached:
-        pass
-    except DaemonError:
+    except (NotAttached, DaemonError, NotPermitted):  # no session this user can see: the checks below say more
         pass
     refuse_untraceable(pid)  # fail fast, before a daemon starts
     r, w = os.pipe()
@@ -111,9 +119,14 @@ def attach(pid: int, store: str | None = None, max_templates: int = 8, backend: 
         cmd.append("--no-spares")
     if not hugepages:
         cmd.append("--no-hugepages")
-    log_dir = os.environ.get("DELTACR_RUN_DIR", "/run/deltacr")
-    os.makedirs(log_dir, exist_ok=True)
-    log = open(os.path.join(log_dir, f"{pid}.log"), "ab")
+    log_dir = run_dir()
+    log_path = os.path.join(log_dir, f"{pid}.log")
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        log = open(log_path, "ab")
+    except OSError as e:  # the daemon's socket goes there too
+        raise DaemonError(f"pid {pid}: cannot write the daemon's log {log_path} ({e.strerror}); run as root, "
+                          "or set DELTACR_RUN_DIR to a directory this user can write") from None
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -133,7 +146,7 @@ def attach(pid: int, store: str | None = None, max_templates: int = 8, backend: 
     finally:
         os.close(r)
     if not data:
-        raise DaemonError(f"pid {pid}: the deltacr daemon exited without attaching; see {log_dir}/{pid}.log")
+        raise DaemonError(f"pid {pid}: the deltacr daemon exited without attaching; see {log_path}")
     reply = json.loads(data)
     if not reply["ok"]:
         cls = getattr(errors, reply.get("type", ""), DeltaCRError)

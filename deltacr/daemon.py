@@ -32,7 +32,7 @@ DEFAULT_RUN_DIR = "/run/deltacr"
 
 
 def run_dir() -> str:
-    return os.environ.get("DELTACR_RUN_DIR", DEFAULT_RUN_DIR)
+    return os.environ.get("DELTACR_RUN_DIR") or DEFAULT_RUN_DIR  # set but empty: the default
 
 
 def socket_path(pid: int) -> str:

@@ -246,6 +246,9 @@ def read_delta(path: str, *, verify: bool = True) -> DeltaInfo:
         f = open(path, "rb")
     except FileNotFoundError:
         raise DeltaFormatError(f"delta file {path} does not exist") from None
+    except OSError as e:  # a directory, a store of another user
+        raise DeltaFormatError(f"delta file {path} cannot be read: {e.strerror}; name a file "
+                               "<store>/deltas/<id>.delta that this user can read") from None
     with f:
         size = os.fstat(f.fileno()).st_size
         if size < _HEADER.size + _TRAILER.size:

@@ -47,7 +47,7 @@ class ProcessGone(DeltaCRError):
 
 
 class DeltaFormatError(DeltaCRError):
-    """A delta file is truncated, corrupt, or of an unknown format version."""
+    """A delta file is missing or unreadable, truncated, corrupt, or of an unknown format version."""
 
 
 class RestoreFailed(DeltaCRError):

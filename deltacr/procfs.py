@@ -112,6 +112,29 @@ def tracer_pid(pid: int) -> int:
     return int(read_status(pid).get("TracerPid", "0"))
 
 
+# A deltacr daemon runs as `python -c "...deltacr.daemon..." --pid SESSION ...`
+# (client.attach starts it so); SESSION is the pid given to attach, the
+# session's name for its whole life, whatever the live pid is after rollbacks.
+DAEMON_MARK = "deltacr.daemon"
+
+
+def deltacr_session(pid: int) -> tuple[int, int] | None:
+    """If pid is traced by a deltacr daemon: (the session's pid, the daemon's
+    pid). None when it is not traced, or by something else."""
+    try:
+        tracer = tracer_pid(pid)  # the tracing thread's id
+        if not tracer:
+            return None
+        daemon = int(read_status(tracer).get("Tgid", tracer))
+        with open(f"/proc/{daemon}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+        if not any(DAEMON_MARK in a for a in argv):
+            return None
+        return int(argv[argv.index("--pid") + 1]), daemon
+    except (NoSuchProcess, OSError, ValueError, IndexError):  # gone meanwhile, or not our command line
+        return None
+
+
 def signal_mask(pid: int) -> int:
     return int(read_status(pid)["SigBlk"], 16)
 

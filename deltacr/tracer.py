@@ -38,8 +38,8 @@ from .dirty import DirtyTracker, copy_pages, make_tracker, pfn_changed
 from .errors import (AlreadyTraced, DeltaCRError, InjectionFailed, MultiThreaded, NoSuchProcess,
                      NotAttached, NotPermitted, ProcessGone, ProcessIsZombie, RestoreFailed)
 from .hugepages import HugePageKeeper
-from .procfs import (PF_KTHREAD, FdPos, Vma, children_of, descendants, read_fd_positions, read_maps, read_stat,
-                     read_status, signal_pending, thread_count, tracer_of, zombie_children)
+from .procfs import (PF_KTHREAD, FdPos, Vma, children_of, deltacr_session, descendants, read_fd_positions,
+                     read_maps, read_stat, read_status, signal_pending, thread_count, tracer_of, zombie_children)
 from .replay import ReplayStats, merge, reconcile, replay
 from .restore import restore_cwd_and_mask, restore_fds, revalidate_files
 from .session import Checkpoint, CheckpointInfo, Session, default_store
@@ -79,6 +79,19 @@ class RollbackResult:
     spare: bool = False  # fast path without a fork: the template's spare child, forked ahead of time
 
 
+def already_in_session(pid: int, session: int, daemon: int) -> str:
+    """Why pid, traced by the deltacr daemon of ``session``, cannot be
+    attached again, and which pid to name instead: after a rollback the
+    live process has a new pid, but the session keeps the one given to
+    attach."""
+    if session == pid:
+        return (f"pid {pid} is already attached by deltacr daemon {daemon}; use it (`deltacr status {pid}`), "
+                f"or `deltacr detach {pid}` first")
+    return (f"pid {pid} is the live process of the deltacr session {session} (daemon {daemon}) since a rollback; "
+            f"a session keeps the pid given to attach as its name: use {session} "
+            f"(`deltacr status {session}`, `deltacr detach {session}`)")
+
+
 def refuse_untraceable(pid: int) -> None:
     """Raise the matching DeltaCRError if pid cannot be checkpointed. Changes nothing.
 
@@ -98,14 +111,18 @@ def refuse_untraceable(pid: int) -> None:
     status = read_status(pid)
     tracer = int(status.get("TracerPid", "0"))
     if tracer:
-        try:
+        session = deltacr_session(pid)
+        if session is not None:
+            raise AlreadyTraced(already_in_session(pid, *session))
+        try:  # name the tracing process, not its tracing thread
+            tracer = int(read_status(tracer).get("Tgid", tracer))
             with open(f"/proc/{tracer}/comm") as f:
                 comm = f.read().strip()
-        except OSError:
+        except (NoSuchProcess, OSError, ValueError):
             comm = "?"
         raise AlreadyTraced(
             f"pid {pid} is already traced by pid {tracer} ({comm}); a process has one tracer: "
-            f"detach that one first (or `deltacr detach {pid}` if it is a deltacr daemon)")
+            "detach that one first")
     n = int(status.get("Threads", "1"))
     if n > 1:
         raise MultiThreaded(

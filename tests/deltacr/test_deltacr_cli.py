@@ -41,6 +41,12 @@ def test_cli_session_survives_rollbacks(lab: Lab, cli_env: dict[str, str]) -> No
     live = deltacr(cli_env, "rollback", pid, "1").stdout
     assert live.strip().isdigit() and int(live) != r.pid
     assert r.eval("x, big[7], os.getpid()") == ("first", 0, int(live))
+    # naming the session by its live pid: the error names the session's pid
+    for args in (["checkpoint", live.strip()], ["attach", live.strip()]):
+        res = deltacr(cli_env, *args, ok=False)
+        assert res.returncode == 1 and res.stdout == "", res.stderr
+        assert f"pid {live.strip()} is the live process of the deltacr session {pid}" in res.stderr, res.stderr
+        assert f"`deltacr status {pid}`" in res.stderr and "Traceback" not in res.stderr
     # the original pid still names the session
     live2 = int(deltacr(cli_env, "rollback", pid, c2).stdout)
     assert r.eval("x, big[7]") == ("second", 7)

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -80,13 +81,14 @@ def test_kernel_thread_is_not_permitted(store: str) -> None:
         ProcessCheckpointer(kthreads[0], store)
 
 
-def test_other_users_process_is_not_permitted(lab: Lab) -> None:
-    python = "/usr/bin/python3"  # the venv's interpreter lives under /root, unreadable for nobody
+@pytest.fixture
+def as_nobody(tmp_path: object) -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
+    """Run the system python3 as the unprivileged user nobody, with a copy of
+    the package it can read: the checkout may sit in a directory nobody
+    cannot enter (mktemp -d, /root), and the venv's interpreter with it."""
+    python = "/usr/bin/python3"
     if not os.access(python, os.X_OK):
         pytest.skip("no system python3 that an unprivileged user can run")
-    r = lab.repl("x = 1")
-    # The checkout may sit in a directory nobody cannot enter (mktemp -d, /root):
-    # give the unprivileged process its own readable copy of the package.
     pkg_root = tempfile.mkdtemp(prefix="deltacr-pkg-")
     shutil.copytree(os.path.join(ROOT, "deltacr"), os.path.join(pkg_root, "deltacr"),
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -94,19 +96,49 @@ def test_other_users_process_is_not_permitted(lab: Lab) -> None:
         os.chmod(dirpath, 0o755)
         for f in files:
             os.chmod(os.path.join(dirpath, f), 0o644)
-    code = ("import sys, tempfile; sys.path.insert(0, %r)\n"
+
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([python, *args], capture_output=True, text=True, timeout=60, user=65534,
+                              group=65534, cwd="/", env={"PYTHONPATH": pkg_root, **(env or {})})
+    try:
+        yield run
+    finally:
+        shutil.rmtree(pkg_root, ignore_errors=True)
+
+
+def test_other_users_process_is_not_permitted(lab: Lab, as_nobody: Callable[..., Any]) -> None:
+    r = lab.repl("x = 1")
+    code = ("import sys, tempfile\n"
             "from deltacr import ProcessCheckpointer, NotPermitted\n"
             "with tempfile.TemporaryDirectory() as d:\n"
             "    try:\n        ProcessCheckpointer(%d, d, backend='compare')\n"
             "    except NotPermitted as e:\n        print('refused:', e); sys.exit(0)\n"
-            "sys.exit(3)\n") % (pkg_root, r.pid)
-    try:
-        res = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60,
-                             user=65534, group=65534, cwd="/")
-    finally:
-        shutil.rmtree(pkg_root, ignore_errors=True)
+            "sys.exit(3)\n") % r.pid
+    res = as_nobody("-c", code)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"pid {r.pid}" in res.stdout and "EPERM" in res.stdout
+    assert tracer_of(r.pid) == 0 and r.eval("x") == 1
+
+
+def test_unprivileged_cli_refusals_are_errors_not_tracebacks(lab: Lab, as_nobody: Callable[..., Any]) -> None:
+    r = lab.repl("x = 1")
+    with tempfile.TemporaryDirectory(prefix="deltacr-root-") as top:  # pytest's tmp_path: nobody cannot enter
+        os.chmod(top, 0o755)
+        run_dir = os.path.join(top, "run")  # root's, like /run/deltacr
+        os.makedirs(run_dir, mode=0o755)
+        secret = os.path.join(top, "1.delta")
+        with open(secret, "wb") as f:
+            f.write(b"x" * 100)
+        os.chmod(secret, 0o600)
+        cases = [
+            (["attach", str(r.pid)], f"pid {r.pid}: cannot write the daemon's log {run_dir}/{r.pid}.log"),
+            (["inspect", secret], f"delta file {secret} cannot be read: Permission denied"),
+            (["inspect", top], f"delta file {top} cannot be read: Is a directory"),
+        ]
+        for argv, message in cases:
+            res = as_nobody("-m", "deltacr.cli", *argv, env={"DELTACR_RUN_DIR": run_dir})
+            assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+            assert res.stderr.startswith(f"deltacr: {message}"), res.stderr
     assert tracer_of(r.pid) == 0 and r.eval("x") == 1
 
 
