@@ -51,8 +51,11 @@ that the request loop commits (reaching the OS) before it waits for more
 requests, or after a burst of 64: ``kill -9`` of the daemon loses at most
 the operations of the last few milliseconds, never a part of one, and the
 live state is then the one before them (``View._write``; 15 us per
-commit saved on every file of an ``rm -rf``). ``fsync``, checkpoints and
-every control request commit the batch first. A
+commit saved on every file of an ``rm -rf``). Content goes to the blob
+files at once, so a write or a truncation commits the batch first: what a
+crash keeps is a prefix of the operations. ``fsync``, checkpoints and every
+control request commit the batch first; a batch that cannot be committed
+(a full disk) stops the daemon as ``kill -9`` would. A
 checkpoint returns once its layer is frozen and committed -- it survives a
 crash of the daemon, the crash this project promises to survive -- and a
 background task flushes the blobs and the index to disk with one journal

@@ -115,16 +115,16 @@ class Filesystem:
         finally:
             self.view.commit_batch()
 
-    def _lost(self, keys: list[tuple[bytes, bytes]]) -> None:
-        """A batch of answered operations failed to commit: the kernel must
-        forget what they changed."""
-        async def forget() -> None:
-            try:
-                await trio.to_thread.run_sync(invalidate, keys)
-            except Exception:  # noqa: BLE001 - nobody to report to
-                log.exception("forgetting the lost operations' cache entries failed")
-        if self.nursery is not None:
-            self.nursery.start_soon(forget)
+    def _batch_lost(self, e: BaseException) -> None:
+        """Answered operations could not be committed: the kernel, our memory
+        and the index disagree now. Stop the way kill -9 would (the case a
+        mount recovers from): the store holds every checkpoint and the live
+        state before the batch."""
+        log.critical("committing a batch of answered operations failed (%s): stopping as if killed; "
+                     "the store keeps the state before them. Free the disk and mount again with "
+                     "the same store", e)
+        logging.shutdown()
+        os._exit(75)
 
     async def _control(self, req: dict[str, Any]) -> Any:
         op = req.get("op")
@@ -419,7 +419,7 @@ def serve(mountpoint: str, store: str, base: str | None, options: list[str],
         if hasattr(pyfuse3, "set_before_wait") and os.environ.get("DELTAFS_BATCH", "1") != "0":
             # group commit: the request loop commits the batch before it waits
             fs.view.batching = True
-            fs.view.on_lost = fs._lost
+            fs.view.on_batch_lost = fs._batch_lost
             pyfuse3.set_before_wait(fs.view.commit_batch)
         pyfuse3.init(Operations(fs.view, store, inode_handles=not handles), mp, opts)
         mounted = True

@@ -105,15 +105,13 @@ class View:
         self._doomed: list[int] | None = None
         self._undo: list[Callable[[], None]] | None = None
         # group commit (see _write): the open outer transaction and what its
-        # operations leave to do once it commits, or to take back if it fails
+        # operations leave to do once it commits
         self.batching = False
         self._txn: Any = None  # the write transaction of the operation in progress
         self._batch: Any = None
         self._batch_ops = 0
-        self._batch_doomed: list[int] = []
-        self._batch_undo: list[Callable[[], None]] = []
-        self._batch_keys: set[Any] = set()
-        self.on_lost: Callable[[list[tuple[bytes, bytes]]], None] | None = None
+        self._batch_doomed: list[int] = []  # blobs to delete once the batch is committed
+        self.on_batch_lost: Callable[[BaseException], None] | None = None
         self.files: dict[int, OpenData] = {}
         self.orphans: dict[int, Inode] = {}  # unlinked while open: fstat still works
         # True when the kernel opens files without telling us (no OPEN and
@@ -178,8 +176,6 @@ class View:
                 self.blobs.delete(doomed)
         else:
             self._batch_doomed.extend(doomed)
-            self._batch_undo.extend(undo)
-            self._batch_keys.update(pending)
             self._batch_ops += 1
         for key, val in pending.items():
             cache = self._icache if isinstance(key, int) else self._ecache
@@ -206,34 +202,37 @@ class View:
         self.commit_batch()
         return self.idx.begin(write=True)
 
-    def commit_batch(self) -> list[tuple[bytes, bytes]]:
-        """Commit the operations batched so far. Returns [] -- or, when the
-        commit fails, the keys those operations changed (also handed to
-        ``on_lost``), whose kernel cache entries are then stale: the
-        operations are lost, their in-memory effects taken back. The error
-        is logged, not raised: the requests were answered already."""
+    def commit_batch(self) -> None:
+        """Commit the operations batched so far. If that fails (a full disk),
+        the operations were answered already and ids, descriptors and the
+        kernel's caches have moved on with them: nothing can be taken back
+        safely, so ``on_batch_lost`` (the daemon: stop as if killed, the
+        store keeps the state before the batch) is called, then the error
+        raised."""
         txn = self._batch
         if txn is None:
-            return []
+            return
         self._batch = None
-        doomed, undo, keys = self._batch_doomed, self._batch_undo, self._batch_keys
-        self._batch_doomed, self._batch_undo, self._batch_keys = [], [], set()
+        doomed, self._batch_doomed = self._batch_doomed, []
         self._batch_ops = 0
         try:
             txn.commit()
-        except Exception as e:  # noqa: BLE001 - reported through the return value
-            log.error("committing %d batched operations failed, they are lost: %s", len(keys), e)
-            for fn in reversed(undo):
-                fn()
-            self.clear_caches()
-            lost = sorted((INO, u64(k)) if isinstance(k, int) else (ENT, _entry_key(*k))
-                          for k in keys)
-            if self.on_lost is not None:
-                self.on_lost(lost)
-            return lost
+        except BaseException as e:
+            if self.on_batch_lost is not None:
+                self.on_batch_lost(e)
+            raise
         if doomed:
-            self.blobs.delete(doomed)
-        return []
+            try:
+                self.blobs.delete(doomed)
+            except OSError as e:  # garbage only: the next mount sweeps it
+                log.warning("deleting %d unused blobs failed: %s", len(doomed), e)
+
+    def _before_data(self) -> None:
+        """Content goes to blob files at once, the index in batches: commit
+        the batch before content changes, so that a crash keeps a prefix of
+        the operations (never a write without the rename that came before it)."""
+        if self._batch is not None:
+            self.commit_batch()
 
     def _touch(self, key: Any, val: Any) -> None:
         if isinstance(key, int):
@@ -582,6 +581,7 @@ class View:
         od = self.acquire(ino)
         try:
             self._writable(od, min(size, rec.size))
+            self._before_data()
             os.ftruncate(od.fd, size)
             self.unsynced.add(od.blob)
             d = self._dirty(ino)
@@ -732,6 +732,7 @@ class View:
         self._fresh(od)
         if od.owner != self.idx.live:
             self._writable(od, None)
+        self._before_data()
         n = os.pwrite(od.fd, buf, off)
         self.unsynced.add(od.blob)
         self.unsynced_bytes += n

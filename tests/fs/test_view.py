@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from deltafs.daemon import Filesystem
-from deltafs.index import ENT, INO, Index
+from deltafs.index import INO, Index
 from deltafs.records import u64
-from deltafs.view import ROOT, _entry_key
+from deltafs.view import ROOT
 
 
 def test_a_transaction_that_cannot_commit_loses_no_file(tmp_path: Path,
@@ -65,6 +65,16 @@ def _open_view(tmp_path: Path) -> tuple[Filesystem, int]:
     return Filesystem(str(tmp_path / "store"), base_fd, "test base"), base_fd
 
 
+def _crash(fs: Filesystem, base_fd: int) -> None:
+    """What kill -9 leaves: what was committed, not the open batch."""
+    fs.view.idx.env.sync(True)
+    if fs.view._batch is not None:
+        fs.view._batch.abort()
+        fs.view._batch = None
+    fs.close()
+    os.close(base_fd)
+
+
 def test_a_batch_of_operations_is_atomic_per_operation_and_durable_once_committed(
         tmp_path: Path) -> None:
     # Group commit: operations share one open transaction, each in its own
@@ -82,15 +92,11 @@ def test_a_batch_of_operations_is_atomic_per_operation_and_durable_once_committe
         v.make(ROOT, b"after", stat.S_IFREG | 0o644, 0, 0)
         assert v._batch is not None, "the operations were not batched"
         assert v.lookup(d.ino, b"inside") is not None and v.lookup(ROOT, b"after") is not None
-        assert v.commit_batch() == []
+        v.commit_batch()
         assert v._batch is None
         v.make(ROOT, b"uncommitted", stat.S_IFREG | 0o644, 0, 0)  # a crash loses this one
-        v.idx.env.sync(True)
-        fs.view._batch.abort()  # what kill -9 does to an open transaction
-        fs.view._batch = None
     finally:
-        fs.close()
-        os.close(base_fd)
+        _crash(fs, base_fd)
     fs, base_fd = _open_view(tmp_path)
     try:
         v = fs.view
@@ -103,11 +109,41 @@ def test_a_batch_of_operations_is_atomic_per_operation_and_durable_once_committe
         os.close(base_fd)
 
 
-def test_a_batch_that_cannot_commit_is_taken_back_and_reported(tmp_path: Path) -> None:
+def test_a_crash_keeps_a_prefix_of_the_operations_even_with_content_written_at_once(
+        tmp_path: Path) -> None:
+    # Content goes to blob files at once, the index in batches: a write
+    # commits the batch first, so a crash never keeps a write and loses a
+    # rename answered before it.
+    fs, base_fd = _open_view(tmp_path)
+    try:
+        v = fs.view
+        f = v.make(ROOT, b"journal", stat.S_IFREG | 0o644, 0, 0)
+        v.write(v.content(f.ino), 0, b"one;")
+        v.make(ROOT, b"a", stat.S_IFREG | 0o644, 0, 0)
+        v.batching = True
+        v.rename(ROOT, b"a", ROOT, b"b", 0)
+        v.write(v.content(f.ino), 4, b"two;")  # after the rename: the rename must survive with it
+        v.make(ROOT, b"later", stat.S_IFREG | 0o644, 0, 0)
+        v.flush_dirty()
+    finally:
+        _crash(fs, base_fd)
+    fs, base_fd = _open_view(tmp_path)
+    try:
+        v = fs.view
+        assert v.lookup(ROOT, b"a") is None and v.lookup(ROOT, b"b") is not None
+        assert v.lookup(ROOT, b"later") is None
+        j = v.lookup(ROOT, b"journal")
+        assert j is not None and v.read(v.content(j.ino), 0, 100) == b"one;two;"
+    finally:
+        fs.close()
+        os.close(base_fd)
+
+
+def test_a_batch_that_cannot_commit_stops_everything_and_loses_no_file(tmp_path: Path) -> None:
     # The requests of a batch were answered before it commits; if the commit
-    # fails (a full disk), their effects are taken back in memory, nothing
-    # they doomed is deleted, and the keys they changed are handed over so
-    # that the kernel forgets its cached view of them.
+    # fails (a full disk), the daemon stops as a crash would (on_batch_lost)
+    # and the store keeps the state before the batch: nothing the batch
+    # doomed is deleted.
     fs, base_fd = _open_view(tmp_path)
     try:
         v = fs.view
@@ -115,12 +151,11 @@ def test_a_batch_that_cannot_commit_is_taken_back_and_reported(tmp_path: Path) -
         v.write(v.content(keep.ino), 0, b"precious" * 100)
         v.flush_dirty()
         blob = v.getattr(keep.ino).blob
-        lost: list[list[tuple[bytes, bytes]]] = []
-        v.on_lost = lost.append
+        lost: list[BaseException] = []
+        v.on_batch_lost = lost.append
         v.batching = True
         v.unlink(ROOT, b"keep", want_dir=False)
         v.make(ROOT, b"new", stat.S_IFREG | 0o644, 0, 0)
-        assert v.lookup(ROOT, b"keep") is None
 
         class FullDisk:
             def __init__(self, txn: object) -> None:
@@ -131,14 +166,21 @@ def test_a_batch_that_cannot_commit_is_taken_back_and_reported(tmp_path: Path) -
                 raise OSError(errno.ENOSPC, "No space left on device")
 
         v._batch = FullDisk(v._batch)
-        got = v.commit_batch()
-        assert got and lost == [got]
-        assert (ENT, _entry_key(ROOT, b"keep")) in got and (ENT, _entry_key(ROOT, b"new")) in got
+        with pytest.raises(OSError):
+            v.commit_batch()
+        assert len(lost) == 1 and isinstance(lost[0], OSError)
+        assert os.path.exists(os.path.join(str(tmp_path / "store"), "blobs", v.blobs.name(blob)))
+    finally:
+        v.dirty.clear()
+        fs.close()
+        os.close(base_fd)
+    fs, base_fd = _open_view(tmp_path)
+    try:
+        v = fs.view
         found = v.lookup(ROOT, b"keep")
         assert found is not None and found.ino == keep.ino
         assert v.lookup(ROOT, b"new") is None
         assert v.read(v.content(keep.ino), 0, 1 << 20) == b"precious" * 100
-        assert os.path.exists(os.path.join(str(tmp_path / "store"), "blobs", v.blobs.name(blob)))
     finally:
         fs.close()
         os.close(base_fd)
