@@ -351,7 +351,12 @@ class View:
             # closed (forgotten); written to the index it would never be freed
             self.orphans[rec.ino] = rec
             return
-        rec.layer = self.idx.live
+        if rec.layer != self.idx.live:
+            # A new version of a record another layer wrote (a chmod, a
+            # rename, a link after a checkpoint): its blob stays that layer's,
+            # frozen. Owned, the next write would go into the checkpoint.
+            rec.flags &= ~F_OWNED
+            rec.layer = self.idx.live
         self._touch(rec.ino, rec.copy())
         self.idx.put(txn, INO, u64(rec.ino), rec.encode())
 
@@ -760,6 +765,7 @@ class View:
             fd = self.blobs.create(blob, od.fd if od.fd >= 0 else None, size)
             if rec is not None:
                 rec.blob, rec.flags, rec.tail = blob, F_OWNED, b""
+                rec.layer = self.idx.live  # this layer's blob: owned (see _put_inode)
                 self._put_inode(txn, rec)
                 self.idx.own_blob(txn, blob)
             else:

@@ -151,6 +151,44 @@ def test_writes_through_a_shared_mmap_are_in_the_checkpoint_and_stay_out_of_a_ro
     assert p.read_bytes() == want
 
 
+@pytest.mark.parametrize("change", ["chmod", "touch", "rename", "link", "setxattr"])
+@pytest.mark.parametrize("after_rollback", [False, True])
+def test_a_write_after_a_metadata_change_never_reaches_the_checkpoint(
+        env: Env, change: str, after_rollback: bool) -> None:
+    # A metadata change makes a new version of the file's record in the live
+    # layer; its content still belongs to the checkpoint's layer and must be
+    # copied up by the next write, not written in place.
+    m, mnt = env.m, env.mnt
+    (mnt / "f").write_bytes(b"ORIGINAL")
+    c = m.checkpoint()
+    if after_rollback:
+        m.rollback(c)
+    target = mnt / "f"
+    if change == "chmod":
+        os.chmod(target, 0o600)
+    elif change == "touch":
+        os.utime(target, (1, 2))
+    elif change == "rename":
+        target = mnt / "f2"
+        os.rename(mnt / "f", target)
+    elif change == "link":
+        target = mnt / "f2"
+        os.link(mnt / "f", target)
+    else:
+        os.setxattr(target, "user.tag", b"1")
+    fd = os.open(target, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"XX", 0)
+    finally:
+        os.close(fd)
+    assert target.read_bytes() == b"XXIGINAL"
+    m.rollback(c)
+    assert (mnt / "f").read_bytes() == b"ORIGINAL", "the write went into the checkpoint"
+    (mnt / "f").unlink()  # and deleting the file now must not delete the checkpoint's content
+    m.rollback(c)
+    assert (mnt / "f").read_bytes() == b"ORIGINAL"
+
+
 def test_diff_and_drop(env: Env) -> None:
     m, mnt = env.m, env.mnt
     c0 = m.checkpoint()
