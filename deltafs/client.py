@@ -81,6 +81,7 @@ def mount(mountpoint: str, base: str | None = None, store: str | None = None,
 def _error_from_message(text: str) -> DeltaFSError:
     # The daemon reports start-up errors as text; map the common ones back.
     for cls, marker in ((errors.StoreLockedError, "in use by"),
+                        (errors.StorePlacementError, "is inside"),
                         (errors.AlreadyMountedError, "already has a DeltaFS"),
                         (errors.BaseMissingError, "base directory"),
                         (errors.BaseMissingError, "not a directory"),

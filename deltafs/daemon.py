@@ -34,7 +34,7 @@ from .base import import_base
 from .blobs import Blobs
 from .durability import Flusher, PendingFlag, syncfs
 from .errors import (AlreadyMountedError, BaseMissingError, DeltaFSError, StoreCorruptError,
-                     StoreLockedError, UnknownCheckpointError)
+                     StoreLockedError, StorePlacementError, UnknownCheckpointError)
 from .fuseops import INODE_HANDLES_AVAILABLE, Operations, configure_request_spin, invalidate
 from .index import BLOB, Index
 from .records import from_u64
@@ -398,6 +398,11 @@ def serve(mountpoint: str, store: str, base: str | None, options: list[str],
         if not os.path.isdir(mp):
             raise BaseMissingError(f"the mount point {mountpoint} is not a directory")
         base_path = os.path.realpath(base) if base else mp
+        store_path = os.path.realpath(store)
+        for inside, what in ((mp, "the mount point"), (base_path, "the base directory")):
+            if store_path == inside or store_path.startswith(inside.rstrip("/") + "/"):
+                raise StorePlacementError(f"the store {store} is inside {what} {inside}: the daemon would "
+                                       "serve its own index; put the store elsewhere (--store DIR)")
         try:
             base_fd = os.open(base_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:

@@ -31,6 +31,10 @@ class BaseMissingError(DeltaFSError):
     """The base directory does not exist or is not a directory."""
 
 
+class StorePlacementError(DeltaFSError):
+    """The store lies inside the mount point or the base directory."""
+
+
 class DaemonError(DeltaFSError):
     """The daemon failed to start, died, or answered with an error."""
 

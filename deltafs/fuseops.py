@@ -121,7 +121,9 @@ class Operations(pyfuse3.Operations):
         # pyfuse3 then turns off atomic O_TRUNC
         self.no_open_support = inode_handles
         self.view = view
-        self.statfs_path = statfs_path
+        # a descriptor opened before the mount: the store might sit under it
+        # one day, and statvfs() of a path there would ask this very daemon
+        self.statfs_fd = os.open(statfs_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.handles: dict[int, OpenData] = {}
         self.dirs: dict[int, int] = {}  # directory handle -> inode (stock pyfuse3 only)
         self.next_fh = 1
@@ -293,7 +295,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
-        s = os.statvfs(self.statfs_path)
+        s = os.fstatvfs(self.statfs_fd)
         d = pyfuse3.StatvfsData()
         for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                   "f_ffree", "f_favail", "f_namemax"):

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+import deltafs
+
 from .conftest import Env
 
 
@@ -59,6 +63,23 @@ def test_missing_base_directory(tmp_path: Path) -> None:
     r = deltafs_cli(str(tmp_path / "mnt"), "--base", str(tmp_path / "nope"),
                     "--store", str(tmp_path / "s"))
     assert r.returncode != 0 and "base directory" in r.stderr and "nope" in r.stderr
+
+
+def test_store_inside_the_mount_point_or_the_base_is_refused(tmp_path: Path) -> None:
+    # The daemon would serve its own index (and statfs of the store would
+    # ask the daemon itself: a hang).
+    d = tmp_path / "project"
+    d.mkdir()
+    (d / "keep").write_text("x")
+    r = deltafs_cli(str(d), "--store", str(d / ".store"))
+    assert r.returncode != 0 and "is inside the mount point" in r.stderr, r.stderr
+    base, mnt = tmp_path / "base", tmp_path / "mnt"
+    base.mkdir()
+    mnt.mkdir()
+    r = deltafs_cli(str(mnt), "--base", str(base), "--store", str(base / "s"))
+    assert r.returncode != 0 and "is inside the base directory" in r.stderr, r.stderr
+    with pytest.raises(deltafs.StorePlacementError):
+        deltafs.mount(str(d), store=str(d / "sub" / "store"))
 
 
 def test_mount_point_already_mounted(env: Env, tmp_path: Path) -> None:
