@@ -75,13 +75,13 @@ not imported, and the base must not change while a store uses it.
 
 from .client import Mount, default_store, force_unmount, mount
 from .errors import (AlreadyMountedError, BaseMissingError, DaemonError, DeltaFSError, FSError,
-                     NotAMountError, StoreCorruptError, StoreLockedError, StorePlacementError,
-                     UnknownCheckpointError)
+                     MountBusyError, NotAMountError, StoreCorruptError, StoreLockedError,
+                     StorePlacementError, UnknownCheckpointError)
 from .view import CheckpointInfo, Diff
 
 __all__ = [
     "AlreadyMountedError", "BaseMissingError", "CheckpointInfo", "DaemonError", "DeltaFSError",
-    "Diff", "FSError", "Mount", "NotAMountError", "StoreCorruptError", "StoreLockedError",
+    "Diff", "FSError", "Mount", "MountBusyError", "NotAMountError", "StoreCorruptError", "StoreLockedError",
     "StorePlacementError",
     "UnknownCheckpointError", "default_store", "force_unmount", "mount",
 ]

@@ -8,8 +8,9 @@ import json
 import sys
 from dataclasses import asdict
 
-from .client import Mount, default_store, mount
+from .client import Mount, default_store, force_unmount, mount
 from .errors import DeltaFSError
+from .mounts import is_dead
 
 USAGE = """\
 deltafs MOUNTPOINT [--base DIR] [--store DIR] [--foreground] [-o OPTIONS]
@@ -89,7 +90,12 @@ def _command(argv: list[str]) -> int:
         elif a.cmd == "drop":
             m.drop(a.id)
         elif a.cmd == "unmount":
-            m.unmount()
+            if is_dead(m.mountpoint):  # killed: nothing to flush, the store is as it died
+                force_unmount(m.mountpoint)
+                print(f"deltafs: the daemon of {m.mountpoint} was dead: the mount is detached; its "
+                      f"store {m.store} keeps every checkpoint (mount again to use it)", file=sys.stderr)
+            else:
+                m.unmount()
     return 0
 
 

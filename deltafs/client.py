@@ -8,6 +8,7 @@ open so that a checkpoint costs one round trip.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import errors
-from .errors import DaemonError, DeltaFSError, NotAMountError
+from .errors import DaemonError, DeltaFSError, MountBusyError, NotAMountError
 from .mounts import canonical, is_dead, store_of, top_mount
 from .view import CheckpointInfo, Diff
 
@@ -191,10 +192,25 @@ class Mount:
     def status(self) -> dict[str, Any]:
         return dict(self._call("status"))
 
-    def unmount(self, timeout: float = 30.0) -> None:
-        """Flush and unmount; returns once the mount is gone."""
+    def unmount(self, timeout: float = 30.0, lazy: bool = False) -> None:
+        """Flush and unmount; returns once the mount is gone. A mount that a
+        process still uses (a file open in it, a working directory in it) is
+        refused with MountBusyError and stays as it was, as umount(8) does;
+        ``lazy`` detaches it anyway (those processes then get ENOTCONN)."""
         pid = self.status()["pid"]
-        self._call("unmount")
+        if lazy:
+            self._call("unmount")  # the daemon flushes, then detaches the mount
+        else:
+            self.sync()  # the checkpoints reach the disk while the mount is still whole
+            if _libc.umount2(self.mountpoint.encode(), 0) != 0:
+                err = ctypes.get_errno()
+                if err == errno.EBUSY:
+                    raise MountBusyError(
+                        f"{self.mountpoint} is in use: a process has a file open or its working "
+                        f"directory in it (`fuser -vm {self.mountpoint}` lists them); end or move "
+                        "them and unmount again")
+                raise DaemonError(f"cannot unmount {self.mountpoint}: {os.strerror(err)}")
+            # the daemon sees its session end, flushes what is left and exits
         self.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

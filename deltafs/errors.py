@@ -15,6 +15,10 @@ class AlreadyMountedError(DeltaFSError):
     """The mount point already has a DeltaFS mounted on it."""
 
 
+class MountBusyError(DeltaFSError):
+    """An unmount was refused: a process still uses the mount."""
+
+
 class UnknownCheckpointError(DeltaFSError):
     """A checkpoint id that the store does not know (or that was dropped)."""
 

@@ -110,7 +110,7 @@ def _stop_dead(name: str) -> None:
     import deltafs
 
     try:
-        deltafs.Mount(root).unmount()
+        deltafs.Mount(root).unmount(lazy=True)
     except deltafs.DeltaFSError:
         deltafs.force_unmount(root)
     for f in ("sandbox.json", "control.sock"):

@@ -610,7 +610,7 @@ class Sandbox:
             os.close(p._stdin_reader)
         self._reap_killed(wait=5.0)
         try:
-            self.fs.unmount()
+            self.fs.unmount(lazy=True)  # everything it started is ended: nothing to wait for
         except deltafs.DeltaFSError as e:
             errors.append(f"unmount: {e}")
             deltafs.force_unmount(self.root)

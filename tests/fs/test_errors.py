@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import deltafs
+from deltafs.mounts import top_mount
 
 from .conftest import Env
 
@@ -94,5 +98,34 @@ def test_store_with_another_base_is_refused(env: Env, tmp_path: Path) -> None:
     other.mkdir()
     r = deltafs_cli(str(env.mnt), "--base", str(other), "--store", str(env.store))
     assert r.returncode != 0 and "was made from base" in r.stderr
+    env.remount()
+    assert (env.mnt / "README").read_text() == "base readme\n"
+
+
+def test_unmount_of_a_mount_in_use_is_refused_and_changes_nothing(env: Env) -> None:
+    # as umount(8): a writer with a file open keeps its mount (a lazy detach
+    # would cut it off: ENOTCONN, its data lost)
+    fd = os.open(env.mnt / "busy", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        r = deltafs_cli("unmount", str(env.mnt))
+        assert r.returncode != 0 and "is in use" in r.stderr, r.stderr
+        with pytest.raises(deltafs.MountBusyError):
+            env.m.unmount()
+        os.write(fd, b"still here")
+    finally:
+        os.close(fd)
+    assert (env.mnt / "busy").read_bytes() == b"still here"
+    r = deltafs_cli("unmount", str(env.mnt))
+    assert r.returncode == 0, r.stderr
+    env.remount()
+    assert (env.mnt / "busy").read_bytes() == b"still here"
+
+
+def test_unmount_of_a_dead_mount_detaches_it(env: Env) -> None:
+    os.kill(env.m.status()["pid"], signal.SIGKILL)
+    time.sleep(0.2)
+    r = deltafs_cli("unmount", str(env.mnt))
+    assert r.returncode == 0 and "was dead" in r.stderr, r.stderr
+    assert top_mount(str(env.mnt)) is None or top_mount(str(env.mnt)).fstype != "fuse.deltafs"
     env.remount()
     assert (env.mnt / "README").read_text() == "base readme\n"
