@@ -98,6 +98,10 @@ def interrupt(pid: int, execs: list[int] | None = None) -> list[int]:
         sig = os.WSTOPSIG(status)
         event = status >> 16
         if event == _sys.PTRACE_EVENT_STOP:
+            if sig in _STOP_SIGNALS:
+                # It was in a job-control stop (SIGSTOP, ^Z): it must be again
+                # when we let it go (resume() sends the stop first).
+                pending.append(signal.SIGSTOP)
             return pending
         if event == 0 and sig != signal.SIGTRAP:
             pending.append(sig)
@@ -148,11 +152,13 @@ def _resend(pid: int, pending: list[int]) -> None:
 
 
 def resume(pid: int, regs: Regs | None, pending: list[int] = []) -> None:  # noqa: B006
-    """Set regs (if given) and let the tracee run; re-send pending signals."""
+    """Set regs (if given) and let the tracee run; re-send pending signals,
+    before it runs: a stop among them then takes effect before any of its
+    instructions (the tracer's service() keeps it with PTRACE_LISTEN)."""
     if regs is not None:
         _sys.ptrace_setregs(pid, regs)
-    _sys.ptrace(_sys.PTRACE_CONT, pid, 0, 0)
     _resend(pid, pending)
+    _sys.ptrace(_sys.PTRACE_CONT, pid, 0, 0)
 
 
 def _step(pid: int, syscall_addr: int) -> Regs:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 
 from deltacr_helpers import Lab
 
@@ -85,3 +87,33 @@ def test_reap_orphans_reaps_what_a_rollback_orphaned_and_nothing_else(store: str
             except (ProcessLookupError, PermissionError):
                 pass
             p.wait(timeout=5)
+
+
+def test_a_job_control_stop_outlasts_attach_checkpoint_and_rollback(lab: Lab, store: str) -> None:
+    # kill -STOP (or ^Z) stops a process; tracing it must not start it again
+    r = lab.repl("x = 1")
+    os.kill(r.pid, signal.SIGSTOP)
+    wait_state(r.pid, "T")
+    cr = lab.checkpointer(r.pid, store)
+    time.sleep(0.1)
+    assert proc_state(r.pid) in "Tt", "attach let a stopped process run"
+    c = cr.checkpoint("while stopped").id
+    time.sleep(0.1)
+    assert proc_state(r.pid) in "Tt", "a checkpoint let a stopped process run"
+    os.kill(r.pid, signal.SIGCONT)
+    assert r.eval("x") == 1
+    r.run("x = 2")
+    live = cr.rollback(c).pid
+    assert r.eval("x") == 1 and live == cr.live_pid
+
+
+def proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def wait_state(pid: int, want: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while proc_state(pid) not in want:
+        assert time.monotonic() < deadline, f"pid {pid} never reached state {want}"
+        time.sleep(0.01)
