@@ -36,7 +36,7 @@ from typing import Any
 import lmdb
 
 from .errors import StoreCorruptError
-from .records import FORMAT, L_FROZEN, Layer, from_u64, u64
+from .records import FORMAT, L_FROZEN, NO_BLOB, Inode, Layer, from_u64, u64
 
 ENT, INO, XAT, BLOB = b"e", b"i", b"x", b"b"
 _MAP_SIZE = 1 << 38  # sparse: only what is written uses disk
@@ -280,18 +280,53 @@ class Index:
         txn.delete(u64(lid), db=self.lay)
         return blobs
 
-    def merge_layer_into(self, txn: Any, src: int, dst: int) -> None:
+    def merge_layer_into(self, txn: Any, src: int, dst: int) -> list[int]:
         """Move every version of ``src`` that ``dst`` does not override into
-        ``dst`` (dst is src's only child, so it sees exactly the same)."""
+        ``dst`` (dst is src's only child, so it sees exactly the same).
+        Returns the blobs of ``src`` that no version refers to any more (the
+        caller deletes their files after commit): those of records that
+        ``dst`` replaced or deleted."""
+        owned: list[int] = []
+        inodes: list[bytes] = []
         for table, prefix in list(self.changes(txn, src)):
             txn.delete(u64(src) + table + prefix, db=self.chg)
-            txn.put(u64(dst) + table + prefix, b"", db=self.chg)
             if table == BLOB:
+                owned.append(from_u64(prefix))
                 continue
+            txn.put(u64(dst) + table + prefix, b"", db=self.chg)
+            if table == INO:
+                inodes.append(prefix)
             db = self.dbs[table]
             old = prefix + u64(src)
             val = txn.get(old, db=db)
             txn.delete(old, db=db)
             if val is not None and txn.get(prefix + u64(dst), db=db) is None:
                 txn.put(prefix + u64(dst), val, db=db)
+        # A blob is made for one inode, in the layer that writes that inode's
+        # record, and later layers only carry it on in their versions of the
+        # record (a chmod, a rename, a new link: one record per inode, hard
+        # links included). So the inodes src wrote are the only ones whose
+        # versions can still name its blobs; what none names is garbage.
+        used = {blob for prefix in inodes for blob in self._blobs_named(txn, prefix)}
+        garbage: list[int] = []
+        for blob in owned:
+            if blob in used:
+                txn.put(u64(dst) + BLOB + u64(blob), b"", db=self.chg)
+            else:
+                garbage.append(blob)
         txn.delete(u64(src), db=self.lay)
+        return garbage
+
+    def _blobs_named(self, txn: Any, prefix: bytes) -> Iterator[int]:
+        """The blob of every stored version of inode record ``prefix``, in
+        any layer: as many as the layers that wrote this inode."""
+        cur = txn.cursor(db=self.dbs[INO])
+        if not cur.set_range(prefix):
+            return
+        for k, v in cur:
+            if len(k) != len(prefix) + 8 or k[:len(prefix)] != prefix:
+                return
+            if v:
+                blob = Inode.decode(0, 0, v).blob
+                if blob != NO_BLOB:
+                    yield blob

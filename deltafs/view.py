@@ -937,10 +937,9 @@ class View:
                     else:
                         (cid,) = lay.children
                         child = idx.layers[cid]
-                        idx.merge_layer_into(txn, lay.id, cid)
+                        blobs = idx.merge_layer_into(txn, lay.id, cid)
                         child.parent = lay.parent
                         idx.put_layer(txn, child)
-                        blobs = []
                         merged = True
                         if lay.parent:
                             idx.layers[lay.parent].children.add(cid)
@@ -952,6 +951,11 @@ class View:
         if merged:
             idx.set_live(idx.live)
             self.clear_caches()  # merged versions now carry other layer ids
+            # an unlinked file may still be open without its content opened
+            # here yet (the kernel opens files itself): keep its blob for it;
+            # owned by no layer, the next mount's sweep deletes it
+            open_blobs = {rec.blob for rec in self.orphans.values()}
+            garbage = [b for b in garbage if b not in open_blobs]
         return garbage
 
     def _shown_parent(self, lid: int) -> int | None:

@@ -297,3 +297,59 @@ def test_background_flush_then_sync_and_a_durable_checkpoint(env: Env) -> None:
     m.rollback(ids[4])
     assert sorted(p.name for p in mnt.iterdir() if p.name.startswith("f")) == sorted(f"f{i}" for i in range(5))
     assert not (mnt / "last").exists()
+
+
+def blob_bytes(e: Env) -> int:
+    d = e.store / "blobs"
+    return sum((d / n).stat().st_size for n in os.listdir(d))
+
+
+def test_drop_frees_what_only_the_dropped_checkpoint_used(env: Env) -> None:
+    # A's versions that its child replaced or deleted are garbage once A is
+    # dropped; those the child kept, renamed, re-stamped or re-linked are not.
+    m, mnt = env.m, env.mnt
+    mb = 1 << 20
+    data = {n: os.urandom(mb) for n in ("big", "gone", "kept", "linked", "untouched")}
+    for n, b in data.items():
+        (mnt / n).write_bytes(b)
+    os.link(mnt / "linked", mnt / "linked2")
+    a = m.checkpoint("A")
+    big2 = os.urandom(mb)
+    (mnt / "big").write_bytes(big2)
+    os.unlink(mnt / "gone")
+    os.chmod(mnt / "kept", 0o600)
+    os.rename(mnt / "kept", mnt / "kept2")
+    os.unlink(mnt / "linked2")
+    b = m.checkpoint("B")
+    want = tree_digest(mnt)
+    assert blob_bytes(env) == 6 * mb
+    m.drop(a)
+    assert blob_bytes(env) == 4 * mb, "the dropped checkpoint's replaced blobs were kept"
+    (mnt / "big").write_bytes(os.urandom(mb))  # the live layer now replaces B's big
+    m.rollback(b)
+    assert tree_digest(mnt) == want
+    assert (mnt / "big").read_bytes() == big2 and (mnt / "kept2").read_bytes() == data["kept"]
+    assert os.stat(mnt / "kept2").st_mode & 0o777 == 0o600
+    assert (mnt / "linked").read_bytes() == data["linked"] and os.stat(mnt / "linked").st_nlink == 1
+    assert (mnt / "untouched").read_bytes() == data["untouched"]
+    # the child is the live layer: it replaced big, so B's big goes with B
+    (mnt / "big").write_bytes(b"small")
+    m.drop(b)
+    assert blob_bytes(env) == 3 * mb + len(b"small")
+    env.m.unmount()
+    env.remount()  # the next mount's sweep finds nothing of the survivors to delete
+    assert (mnt / "kept2").read_bytes() == data["kept"] and (mnt / "big").read_bytes() == b"small"
+    assert (mnt / "untouched").read_bytes() == data["untouched"]
+
+
+def test_drop_keeps_the_content_of_an_unlinked_file_still_open(env: Env) -> None:
+    m, mnt = env.m, env.mnt
+    data = os.urandom(100000)
+    (mnt / "f").write_bytes(data)
+    a = m.checkpoint()
+    m.unmount()
+    env.remount()  # the daemon has no content of f open
+    with open(mnt / "f", "rb") as f:
+        os.unlink(mnt / "f")
+        env.m.drop(a)  # the live layer deleted f: A's blob is its last copy
+        assert f.read() == data
