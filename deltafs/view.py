@@ -45,6 +45,7 @@ _CACHE_MAX = 200_000  # entries per cache; past that, lookups go to the index
 _BATCH_MAX = 256  # operations per group commit at most (a burst of requests is 64)
 _FILES_MAX = 512  # open contents kept for inode-named requests; the least recent go first
 _LISTINGS_MAX = 16  # directory listings kept while a reader pages through them
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2(2) flags
 
 
 def _offset(name: bytes) -> int:
@@ -487,7 +488,13 @@ class View:
             self._put_inode(txn, rec)
 
     def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int) -> None:
-        noreplace, exchange = flags & 1, flags & 2
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            # RENAME_WHITEOUT (the only other flag the kernel passes on) asks
+            # for a whiteout at the old name; we have none to show, and doing
+            # the plain rename instead would lie: refuse, as overlayfs does
+            # on layers without whiteout support
+            raise FSError(errno.EINVAL)
+        noreplace, exchange = flags & RENAME_NOREPLACE, flags & RENAME_EXCHANGE
         if len(n2) > 255:
             raise FSError(errno.ENAMETOOLONG)
         with self._write() as txn:

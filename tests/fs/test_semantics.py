@@ -17,7 +17,7 @@ from .conftest import Env
 
 _libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
-RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
 
 
 def renameat2(a: Path, b: Path, flags: int) -> None:
@@ -144,6 +144,18 @@ def test_rename_files_and_flags(env: Env) -> None:
         os.rename(m / "b", m / "d1")
     with pytest.raises(NotADirectoryError):
         os.rename(m / "d1", m / "b")
+
+
+def test_rename_whiteout_is_refused_not_ignored(env: Env) -> None:
+    # A whiteout at the old name is what overlayfs-on-overlayfs and some
+    # container tools ask for; a plain rename instead would silently lie.
+    m = env.mnt
+    (m / "a").write_text("A")
+    for flags in (RENAME_WHITEOUT, RENAME_WHITEOUT | RENAME_NOREPLACE):
+        with pytest.raises(OSError) as ei:
+            renameat2(m / "a", m / "b", flags)
+        assert ei.value.errno == errno.EINVAL
+        assert (m / "a").read_text() == "A" and not (m / "b").exists()
 
 
 def test_hard_links_across_copy_up(env: Env) -> None:
