@@ -996,6 +996,22 @@ class View:
             r = idx.visible(txn, INO, u64(ino), anc, chain[-1], chain)
             return (r[0], Inode.decode(ino, r[0], r[1])) if r and r[1] else None
 
+        def xattrs(txn: Any, ino: int, anc: set[int]) -> dict[bytes, bytes]:
+            return {rest: bytes(v) for rest, _l, v in idx.scan_visible(txn, XAT, u64(ino), anc)
+                    if v}
+
+        def dir_changed(txn: Any, xa: int, ra: tuple[int, Inode], xb: int,
+                        rb: tuple[int, Inode]) -> bool:
+            """Whether a directory's own metadata differs. Its mtime, ctime,
+            nlink and size follow its entries, which the walk reports: a
+            directory counts as modified only for what was done to it (a
+            chmod, a chown, an xattr), which needs a new version of it."""
+            if xa == xb and ra[0] == rb[0]:
+                return False
+            a_, b_ = ra[1], rb[1]
+            return ((a_.mode, a_.uid, a_.gid) != (b_.mode, b_.uid, b_.gid)
+                    or xattrs(txn, xa, va) != xattrs(txn, xb, vb))
+
         def walk_all(txn: Any, ino: int, anc: set[int], path: str, out: list[str]) -> None:
             for name, child in self._entries(txn, ino, anc):
                 p = path + "/" + name.decode(errors="surrogateescape")
@@ -1028,10 +1044,15 @@ class View:
                     assert xa is not None and xb is not None
                     da, db_ = stat.S_ISDIR(ra[1].mode), stat.S_ISDIR(rb[1].mode)
                     if da and db_:
+                        if dir_changed(txn, xa, ra, xb, rb):
+                            modified.append(p)
                         walk(txn, xa, xb, p)
                     elif xa != xb or ra[0] != rb[0]:
                         modified.append(p)
 
         with self._read() as txn:
+            ra, rb = inode(txn, ROOT, va), inode(txn, ROOT, vb)
+            if ra is not None and rb is not None and dir_changed(txn, ROOT, ra, ROOT, rb):
+                modified.append("/")
             walk(txn, ROOT, ROOT, "")
         return Diff(sorted(added), sorted(modified), sorted(deleted))

@@ -221,6 +221,29 @@ def test_diff_and_drop(env: Env) -> None:
     assert {c.id: c.parent for c in m.list()}[cb] == c0
 
 
+def test_diff_reports_a_directory_whose_own_metadata_changed(env: Env) -> None:
+    # Only what was done to the directory itself counts: a new entry changes
+    # its mtime, ctime, size and (for a subdirectory) nlink, and is reported
+    # as the entry.
+    m, mnt = env.m, env.mnt
+    for d in ("tagged", "busy", "quiet"):
+        os.mkdir(mnt / d)
+    os.setxattr(mnt / "quiet", "user.k", b"same")
+    c0 = m.checkpoint()
+    os.chmod(mnt / "src", 0o700)
+    os.chown(mnt / "src/pkg", 1234, 5678)
+    os.setxattr(mnt / "tagged", "user.tag", b"x")
+    (mnt / "busy/new").write_text("n")
+    os.mkdir(mnt / "busy/sub")
+    os.setxattr(mnt / "quiet", "user.k", b"same")  # a new version, the same values
+    c1 = m.checkpoint()
+    d = m.diff(c0, c1)
+    assert d.modified == ["/src", "/src/pkg", "/tagged"]
+    assert d.added == ["/busy/new", "/busy/sub"] and d.deleted == []
+    os.chmod(mnt, 0o700)
+    assert m.diff(c1).modified == ["/"]
+
+
 def test_deep_tree_of_checkpoints(env: Env) -> None:
     m, mnt = env.m, env.mnt
     ids = []
