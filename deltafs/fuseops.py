@@ -24,7 +24,7 @@ import trio
 from .errors import FSError
 from .index import ENT, INO
 from .records import Inode, from_u64
-from .view import OpenData, View
+from .view import DOTDOT_OFFSET, OpenData, View
 
 log = logging.getLogger("deltafs")
 
@@ -281,7 +281,9 @@ class Operations(pyfuse3.Operations):
         for off, name, rec in self.view.readdir_from(ino, start_id):
             if not pyfuse3.readdir_reply(token, name, attrs(rec), off):
                 break
-            if self.inode_handles:
+            # the kernel takes no reference from "." and ".." in a READDIRPLUS
+            # answer (fuse_direntplus_link skips them) and so never forgets them
+            if self.inode_handles and off > DOTDOT_OFFSET:
                 self.view.looked_up(rec.ino)
 
     @_errors

@@ -48,14 +48,19 @@ _LISTINGS_MAX = 16  # directory listings kept while a reader pages through them
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2(2) flags
 
 
+# ``.`` and ``..`` come first in every listing, at offsets of their own
+# below those of the names: resuming after either never skips an entry.
+DOT_OFFSET, DOTDOT_OFFSET = 1, 2
+
+
 def _offset(name: bytes) -> int:
     """A directory offset that names the entry, not its position: a
     listing resumed after deletions or insertions (also by another process,
     also in the kernel's cache) neither skips nor repeats the entries that
-    stayed. Positive and below 2**63, as off_t wants; stable for the
-    daemon's life. Two names of one directory colliding in 63 bits is left
-    to chance."""
-    return (hash(name) & 0x7FFF_FFFF_FFFF_FFFF) or 1
+    stayed. Above ``DOTDOT_OFFSET`` and below 2**63, as off_t wants; stable
+    for the daemon's life. Two names of one directory colliding in 63 bits
+    is left to chance."""
+    return DOTDOT_OFFSET + 1 + hash(name) % ((1 << 63) - DOTDOT_OFFSET - 1)
 
 
 @dataclass(slots=True)
@@ -318,8 +323,14 @@ class View:
 
     def readdir_from(self, ino: int, after: int) -> Iterator[tuple[int, bytes, Inode]]:
         """The entries of directory ``ino`` past offset ``after`` (0: all),
-        as (offset, name, inode), in offset order."""
+        as (offset, name, inode), in offset order: ``.`` and ``..`` first,
+        as ext4 and overlayfs list them (``..`` of the root is the root)."""
         with self._read() as txn:
+            if after < DOTDOT_OFFSET:
+                d = self._dir(txn, ino)
+                if after < DOT_OFFSET:
+                    yield DOT_OFFSET, b".", d
+                yield DOTDOT_OFFSET, b"..", self.must(txn, d.parent or ROOT)
             entries = self._listings.get(ino)
             if entries is None:
                 d = self.must(txn, ino)

@@ -6,14 +6,17 @@ import ctypes
 import errno
 import os
 import stat
+import struct
+import subprocess
 from pathlib import Path
 
 import pytest
 
+import deltafs
 from deltafs.index import INO, Index
 from deltafs.records import u64
 
-from .conftest import Env
+from .conftest import Env, make_base, teardown
 
 _libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
@@ -306,6 +309,67 @@ def test_readdir_large_directory_is_complete_and_stable(env: Env) -> None:
     assert len(seen) == len(set(seen))
     kept = names - set(sorted(names)[-100:])
     assert kept <= set(seen)
+
+
+SYS_getdents64 = {"x86_64": 217, "aarch64": 61}[os.uname().machine]
+
+
+def getdents(path: Path, start: int) -> list[tuple[int, int, str]]:
+    """The raw listing of ``path`` from offset ``start`` as (ino, offset,
+    name): what readdir(3) sees, "." and ".." included."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    out = []
+    try:
+        os.lseek(fd, start, os.SEEK_SET)
+        buf = ctypes.create_string_buffer(1 << 16)
+        while True:
+            n = _libc.syscall(SYS_getdents64, fd, buf, len(buf))
+            if n < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            if n == 0:
+                return out
+            pos = 0
+            while pos < n:
+                ino, off, reclen = struct.unpack_from("<QqH", buf.raw, pos)
+                name = buf.raw[pos + 19:pos + reclen].split(b"\0", 1)[0]
+                out.append((ino, off, name.decode()))
+                pos += reclen
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("handles", [False, True], ids=["kernel-opens", "handles"])
+def test_readdir_lists_dot_and_dotdot_and_resumes_at_every_offset(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handles: bool) -> None:
+    base, mnt = tmp_path / "base", tmp_path / "mnt"
+    base.mkdir()
+    mnt.mkdir()
+    make_base(base)
+    if handles:
+        monkeypatch.setenv("DELTAFS_HANDLES", "1")
+    m = deltafs.mount(str(mnt), base=str(base), store=str(tmp_path / "store"))
+    try:
+        assert m.status()["kernel_opens"] is not handles
+        ls = subprocess.run(["ls", "-a", str(mnt / "src")], capture_output=True, text=True,
+                            check=True)
+        assert ls.stdout.split() == [".", "..", "pkg"]
+        d = mnt / "src/pkg"
+        for i in range(20):
+            (d / f"f{i}").write_text("x")
+        for _ in range(2):  # the second time from the kernel's cache, if it keeps one
+            full = getdents(d, 0)
+            assert [e[2] for e in full[:2]] == [".", ".."]
+            assert full[0][0] == d.stat().st_ino and full[1][0] == (mnt / "src").stat().st_ino
+            assert sorted(e[2] for e in full[2:]) == sorted(os.listdir(d))
+            assert len({e[1] for e in full}) == len(full), "two entries share an offset"
+            for i, (_ino, off, _name) in enumerate(full):
+                assert getdents(d, off) == full[i + 1:], f"resumed after {full[i][2]!r}"
+        root = getdents(mnt, 0)
+        assert [e[2] for e in root[:2]] == [".", ".."]
+        assert root[0][0] == root[1][0] == mnt.stat().st_ino
+    finally:
+        teardown(mnt, m)
 
 
 def test_inode_numbers_stable_across_checkpoint_and_rollback(env: Env) -> None:

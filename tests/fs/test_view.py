@@ -7,9 +7,11 @@ import os
 import stat
 from pathlib import Path
 
+import pyfuse3
 import pytest
 
 from deltafs.daemon import Filesystem
+from deltafs.fuseops import Operations
 from deltafs.index import INO, Index
 from deltafs.records import u64
 from deltafs.view import ROOT
@@ -181,6 +183,32 @@ def test_a_batch_that_cannot_commit_stops_everything_and_loses_no_file(tmp_path:
         assert found is not None and found.ino == keep.ino
         assert v.lookup(ROOT, b"new") is None
         assert v.read(v.content(keep.ino), 0, 1 << 20) == b"precious" * 100
+    finally:
+        fs.close()
+        os.close(base_fd)
+
+
+async def test_dot_and_dotdot_in_a_listing_are_not_lookups(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernel takes no reference from "." and ".." in a READDIRPLUS answer
+    # and so sends no FORGET for them: counted, the directory and its parent
+    # would never be forgotten (an rmdir'd one would stay an orphan for good).
+    fs, base_fd = _open_view(tmp_path)
+    try:
+        v = fs.view
+        d = v.make(ROOT, b"d", stat.S_IFDIR | 0o755, 0, 0)
+        f = v.make(d.ino, b"f", stat.S_IFREG | 0o644, 0, 0)
+        ops = Operations(v, str(tmp_path), inode_handles=True)
+        listed: list[bytes] = []
+
+        def reply(token: object, name: bytes, attr: object, off: int) -> bool:
+            listed.append(name)
+            return True
+
+        monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+        await ops.readdir(d.ino, 0, None)
+        assert listed == [b".", b"..", b"f"]
+        assert v.nlookup == {f.ino: 1}
     finally:
         fs.close()
         os.close(base_fd)
