@@ -69,8 +69,8 @@ waited for it, and neither did the crash model of issue 2, which is kill -9
 of the daemon.) Pages written through a shared ``mmap`` are held back by
 the kernel; ``Mount.checkpoint`` and ``Mount.rollback`` have it write them
 back first (``syncfs``), so that a checkpoint contains them and a rollback
-never receives the discarded state's pages later. Caveats: base xattrs are
-not imported, and the base must not change while a store uses it.
+never receives the discarded state's pages later. Caveat: the base must
+not change while a store uses it.
 """
 
 from .client import Mount, default_store, force_unmount, mount

@@ -4,17 +4,19 @@ The base is walked once, when the store is created: every file gets a stable
 inode number and a record pointing at its path in the base (content is read
 from there until the file is first written). Hard links inside the base stay
 hard links. The base is never written; it must not change while a store uses
-it (a file that disappeared from it reads as EIO). Extended attributes of base
-files are not imported.
+it (a file that disappeared from it reads as EIO). Extended attributes are
+imported with the files, POSIX ACLs excepted (the mount does not enable FUSE
+ACL support, so the kernel would never ask for them).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from typing import Any
 
-from .index import ENT, Index
+from .index import ENT, XAT, Index
 from .records import F_BASE, NO_BLOB, Inode, u64
 from .view import ROOT, View
 
@@ -29,6 +31,7 @@ def import_base(view: View, txn: Any, base_fd: int) -> int:
     root = _record(ROOT, st, 0, b"")
     root.nlink = 2
     recs: dict[int, Inode] = {ROOT: root}
+    _import_xattrs(idx, txn, ROOT, base_fd)
     count = 0
     stack: list[tuple[int, bytes]] = [(ROOT, b"")]
     while stack:
@@ -51,6 +54,9 @@ def import_base(view: View, txn: Any, base_fd: int) -> int:
                         rec.size = len(rec.tail)
                         rec.flags = 0
                     recs[ino] = rec
+                    # a path through the directory's descriptor: the xattr
+                    # calls take no dir_fd, and the base's path may be covered
+                    _import_xattrs(idx, txn, ino, b"/proc/self/fd/%d/%s" % (dfd, name))
                     if not stat.S_ISDIR(est.st_mode):
                         seen[key] = rec
                 else:
@@ -69,6 +75,28 @@ def import_base(view: View, txn: Any, base_fd: int) -> int:
             rec.nlink = links[ino]  # only the links inside the base count
         view._put_inode(txn, rec)
     return count
+
+
+def _import_xattrs(idx: Index, txn: Any, ino: int, where: int | bytes) -> None:
+    """Copy the extended attributes of ``where`` (a descriptor, or a path
+    whose last component is not followed) to inode ``ino``."""
+    follow = isinstance(where, int)  # a descriptor names the file itself
+    try:
+        names = os.listxattr(where, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno == errno.ENOTSUP:  # the base's filesystem has none
+            return
+        raise
+    for name in names:
+        if name.startswith("system.posix_acl_"):
+            continue
+        try:
+            value = os.getxattr(where, name, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno == errno.ENODATA:  # removed since it was listed
+                continue
+            raise
+        idx.put(txn, XAT, u64(ino) + os.fsencode(name) + b"\0", b"\1" + value)
 
 
 def _record(ino: int, st: os.stat_result, parent: int, path: bytes) -> Inode:

@@ -199,6 +199,33 @@ def test_symlink_fifo_xattr_statfs(env: Env) -> None:
     assert s.f_bsize > 0 and s.f_blocks > 0
 
 
+def test_extended_attributes_of_the_base_are_imported(tmp_path: Path) -> None:
+    base, mnt = tmp_path / "base", tmp_path / "mnt"
+    base.mkdir()
+    mnt.mkdir()
+    make_base(base)
+    os.setxattr(base / "README", "user.tag", b"hard-linked")  # README.link is the same inode
+    os.setxattr(base / "src/pkg", "user.dir", b"\0binary\xff")
+    os.setxattr(base, "user.root", b"r")
+    m = deltafs.mount(str(mnt), base=str(base), store=str(tmp_path / "store"))
+    try:
+        assert os.getxattr(mnt / "README", "user.tag") == b"hard-linked"
+        assert os.getxattr(mnt / "README.link", "user.tag") == b"hard-linked"
+        assert os.listxattr(mnt / "src/pkg") == ["user.dir"]
+        assert os.getxattr(mnt / "src/pkg", "user.dir") == b"\0binary\xff"
+        assert os.getxattr(mnt, "user.root") == b"r"
+        assert os.listxattr(mnt / "mod-link", follow_symlinks=False) == []
+        assert os.listxattr(mnt / "empty") == []
+        c = m.checkpoint()
+        os.removexattr(mnt / "README", "user.tag")
+        assert os.listxattr(mnt / "README.link") == []
+        m.rollback(c)
+        assert os.getxattr(mnt / "README", "user.tag") == b"hard-linked"
+        assert os.getxattr(base / "README", "user.tag") == b"hard-linked", "the base is never written"
+    finally:
+        teardown(mnt, m)
+
+
 def test_unlinked_open_file_stays_readable(env: Env) -> None:
     p = env.mnt / "tmp"
     p.write_bytes(b"data")
