@@ -22,6 +22,7 @@ from typing import Any
 from . import errors
 from .errors import DaemonError, DeltaFSError, MountBusyError, NotAMountError
 from .mounts import canonical, is_dead, store_of, top_mount
+from .store import make_store, remove_new_store
 from .view import CheckpointInfo, Diff
 
 DEFAULT_STORE_ROOT = "/var/lib/deltafs"
@@ -48,7 +49,7 @@ def mount(mountpoint: str, base: str | None = None, store: str | None = None,
         raise DeltaFSError("the store path may not contain a comma (it is a mount option)")
     store = os.path.abspath(store) if store else default_store(mountpoint)
     log_path = os.path.join(store, "daemon.log")
-    os.makedirs(store, exist_ok=True)
+    created = make_store(store)
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "deltafs.daemon", canonical(mountpoint), "--store", store,
            "--ready-fd", str(w)]
@@ -75,6 +76,12 @@ def mount(mountpoint: str, base: str | None = None, store: str | None = None,
         proc.wait(timeout=10)
         if not text:
             text = f"the daemon exited with status {proc.returncode}; see {log_path}"
+            if created:  # the log goes with the store: say what it says
+                with open(log_path, "rb") as logf:
+                    tail = logf.read()[-2000:].decode(errors="replace").strip()
+                text = f"the daemon exited with status {proc.returncode}: {tail}"
+        if created:
+            remove_new_store(store)
         raise _error_from_message(text)
     return Mount(mountpoint, pid=proc.pid)
 

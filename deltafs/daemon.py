@@ -33,12 +33,13 @@ import trio
 from .base import import_base
 from .blobs import Blobs
 from .durability import Flusher, PendingFlag, syncfs
-from .errors import (AlreadyMountedError, BaseMissingError, DeltaFSError, StoreCorruptError,
+from .errors import (AlreadyMountedError, BaseMissingError, DaemonError, DeltaFSError, StoreCorruptError,
                      StoreLockedError, StorePlacementError, UnknownCheckpointError)
 from .fuseops import INODE_HANDLES_AVAILABLE, Operations, configure_request_spin, invalidate
 from .index import BLOB, Index
 from .records import from_u64
 from .mounts import FSTYPE, SOURCE_PREFIX, canonical, is_dead, top_mount
+from .store import make_store, remove_new_store
 from .view import View
 
 log = logging.getLogger("deltafs")
@@ -385,7 +386,8 @@ def serve(mountpoint: str, store: str, base: str | None, options: list[str],
     """Mount and serve until unmounted. Reports start-up errors on
     ``ready_fd`` (one line, ``ok`` or the message) when given."""
     fs = None
-    mounted = False
+    sock = None
+    mounted = created = False
     try:
         mp = canonical(mountpoint)
         if is_dead(mp):
@@ -409,7 +411,7 @@ def serve(mountpoint: str, store: str, base: str | None, options: list[str],
             raise BaseMissingError(f"the base directory {base} cannot be opened: {e.strerror}; "
                                    "give an existing directory with --base") from e
         st = os.fstat(base_fd)
-        os.makedirs(store, exist_ok=True)
+        created = make_store(store)
         fs = Filesystem(store, base_fd, f"{base_path} (dev {st.st_dev} ino {st.st_ino})")
         fs.view.files_max = _raise_fd_limit()
         opts = set(pyfuse3.default_options)
@@ -426,11 +428,24 @@ def serve(mountpoint: str, store: str, base: str | None, options: list[str],
             fs.view.batching = True
             fs.view.on_batch_lost = fs._batch_lost
             pyfuse3.set_before_wait(fs.view.commit_batch)
-        pyfuse3.init(Operations(fs.view, store, inode_handles=not handles), mp, opts)
+        try:
+            pyfuse3.init(Operations(fs.view, store, inode_handles=not handles), mp, opts)
+        except RuntimeError as e:
+            if options and "fuse_session_new" in str(e):  # libfuse says no more than that
+                raise DaemonError(
+                    f"cannot mount {mountpoint}: libfuse does not understand one of the "
+                    f"options given with -o ({','.join(options)}); see 'man mount.fuse3' for "
+                    "the options it knows") from e
+            raise
         mounted = True
     except (DeltaFSError, OSError, RuntimeError) as e:
         if fs is not None:
             fs.close()
+        if sock is not None:
+            sock.close()
+            os.unlink(os.path.join(store, "control.sock"))
+        if created:
+            remove_new_store(store)
         msg = str(e) if isinstance(e, DeltaFSError) else f"cannot mount {mountpoint}: {e}"
         if ready_fd is not None:
             os.write(ready_fd, msg.encode() + b"\n")

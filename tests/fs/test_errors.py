@@ -67,6 +67,7 @@ def test_missing_base_directory(tmp_path: Path) -> None:
     r = deltafs_cli(str(tmp_path / "mnt"), "--base", str(tmp_path / "nope"),
                     "--store", str(tmp_path / "s"))
     assert r.returncode != 0 and "base directory" in r.stderr and "nope" in r.stderr
+    assert not (tmp_path / "s").exists(), "the failed mount left the store it created"
 
 
 def test_store_inside_the_mount_point_or_the_base_is_refused(tmp_path: Path) -> None:
@@ -90,6 +91,28 @@ def test_mount_point_already_mounted(env: Env, tmp_path: Path) -> None:
     r = deltafs_cli(str(env.mnt), "--base", str(env.base), "--store", str(tmp_path / "s2"))
     assert r.returncode != 0 and "already has a DeltaFS mounted" in r.stderr
     assert (env.mnt / "README").read_text() == "base readme\n"
+    assert not (tmp_path / "s2").exists(), "the failed mount left the store it created"
+
+
+def test_a_bad_mount_option_is_named_and_leaves_nothing(env: Env, tmp_path: Path) -> None:
+    mnt = tmp_path / "other"
+    mnt.mkdir()
+    for fg in ([], ["--foreground"]):
+        r = deltafs_cli(str(mnt), "--base", str(env.base), "--store", str(tmp_path / "s3"),
+                        "-o", "ro,bogus_opt", *fg)
+        assert r.returncode != 0 and "does not understand" in r.stderr, r.stderr
+        assert "ro,bogus_opt" in r.stderr
+        assert not (tmp_path / "s3").exists(), "the failed mount left the store it created"
+    # an existing store is left as it was, and mounts again
+    (env.mnt / "kept").write_text("live")
+    env.m.unmount()
+    before = sorted(os.listdir(env.store))
+    r = deltafs_cli(str(env.mnt), "--base", str(env.base), "--store", str(env.store),
+                    "-o", "bogus_opt")
+    assert r.returncode != 0 and "bogus_opt" in r.stderr
+    assert sorted(os.listdir(env.store)) == before
+    env.remount()
+    assert (env.mnt / "kept").read_text() == "live"
 
 
 def test_store_with_another_base_is_refused(env: Env, tmp_path: Path) -> None:
@@ -129,3 +152,17 @@ def test_unmount_of_a_dead_mount_detaches_it(env: Env) -> None:
     assert top_mount(str(env.mnt)) is None or top_mount(str(env.mnt)).fstype != "fuse.deltafs"
     env.remount()
     assert (env.mnt / "README").read_text() == "base readme\n"
+
+
+def test_a_daemon_that_dies_at_start_is_reported_with_its_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The log is in the store that the failed mount removes: its words go
+    # into the error instead of a path that no longer exists.
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'boom: an import failed' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    (tmp_path / "mnt").mkdir()
+    with pytest.raises(deltafs.DaemonError, match="status 3: boom: an import failed"):
+        deltafs.mount(str(tmp_path / "mnt"), base=str(tmp_path), store=str(tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
