@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 # the same facts DeltaCR reads: a process's children (every thread's), its tracer
 from deltacr.procfs import children_of as children
+from deltacr.procfs import read_small
 from deltacr.procfs import tracer_of as tracer
 
 
@@ -36,8 +37,7 @@ class Stat:
 def stat(pid: int) -> Stat | None:
     """The process's stat line, None if it does not exist (or is being reaped)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode(errors="replace")
+        data = read_small(f"/proc/{pid}/stat").decode(errors="replace")
     except (FileNotFoundError, ProcessLookupError):  # ESRCH while it is being reaped
         return None
     rest = data[data.rindex(")") + 2:].split()
