@@ -24,6 +24,23 @@ class NameInUse(DeltaBoxError):
     """A sandbox or process name that is already taken."""
 
 
+class OutsideSandbox(DeltaBoxError):
+    """A path given for the sandbox (a process's working directory) that
+    resolves outside the sandbox's root: give one inside it."""
+
+
+class ProcessError(DeltaBoxError):
+    """One of the sandbox's processes could not be started, traced,
+    checkpointed or written to. The message names the process and says what
+    to do; the DeltaCR or OS error behind it is the ``__cause__``."""
+
+
+class FilesUnavailable(DeltaBoxError):
+    """The sandbox's files cannot be reached any more: the DeltaFS daemon
+    behind its mount died or hung up. Nothing more can be checkpointed or
+    rolled back: stop the sandbox and create a new one. The DeltaFS error
+    is the ``__cause__``."""
+
 
 class RollbackFailed(DeltaBoxError):
     """A rollback could not complete; the message says which consistent state

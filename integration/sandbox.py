@@ -47,15 +47,19 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO
 
 import deltacr
 import deltafs
+from deltafs.mounts import canonical, is_dead, top_mount
 
 from . import _proc
-from .errors import BadName, DeltaBoxError, NameInUse, RollbackFailed, SandboxStopped, UnknownState
+from .errors import (BadName, DeltaBoxError, FilesUnavailable, NameInUse, ProcessError, RollbackFailed,
+                     SandboxStopped, UnknownState)
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,25 @@ def _read_all(fd: int) -> None:
             return
 
 
+def _checkpoint_error(p: "Proc", e: BaseException) -> BaseException:
+    """DeltaCR's refusal to capture ``p`` in the sandbox's terms (its own
+    advice, "call resume()", is about a call the sandbox already made: the
+    process runs again, unchanged). Anything else goes on as it is."""
+    if not isinstance(e, deltacr.DeltaCRError):
+        return e
+    who = f"process {p.name!r} (pid {p.pid})"
+    if isinstance(e, deltacr.MultiThreaded):
+        err = ProcessError(
+            f"{who} runs more than one thread: a state holds a fork() of each process and fork() copies "
+            "only one thread, so no state was taken and the sandbox goes on unchanged; checkpoint again "
+            "once it is back to one thread, or roll back to a state from before it started them")
+    else:
+        err = ProcessError(f"{who} could not be checkpointed ({e}); no state was taken and the sandbox "
+                           "goes on unchanged")
+    err.__cause__ = e
+    return err
+
+
 class Sandbox:
     """A DeltaFS mount over ``base`` plus the processes started in it.
 
@@ -293,7 +316,7 @@ class Sandbox:
         self._require_open()
         leftovers: list[tuple[Proc, int]] = []
         try:
-            with deltacr.critical():
+            with self._api("checkpoint"), deltacr.critical():
                 return self._checkpoint(label, leftovers)
         finally:
             # Templates of a checkpoint that failed belong to no state: drop
@@ -319,7 +342,7 @@ class Sandbox:
                 if isinstance(stopped.error, deltacr.ProcessGone):
                     continue  # it exited just now: not part of this state
                 if stopped.error is not None:
-                    raise stopped.error
+                    raise _checkpoint_error(p, stopped.error)
                 taking.append((p, fut))
             t_stop = time.perf_counter()
             # Every process is stopped, so every write it issued has been
@@ -346,7 +369,7 @@ class Sandbox:
                 fork_ms = max(fork_ms, p._cr.last_fork_ms)
                 depth = max(depth, p._cr.last_depth)
             except Exception as e:  # noqa: BLE001 - the first one is raised below
-                errors.append(e)
+                errors.append(_checkpoint_error(p, e))
         t_res = time.perf_counter()
         if errors:
             leftovers += [(p, caps[p.name]) for p, _f in taking if p.name in caps]
@@ -431,7 +454,7 @@ class Sandbox:
         """Files and processes exactly as they were in ``state``."""
         self._require_open()
         st = self._state(state)
-        with deltacr.critical():
+        with self._api(f"rollback to state {state}"), deltacr.critical():
             return self._rollback(st)
 
     def _rollback(self, st: StateInfo) -> RollbackReport:
@@ -474,7 +497,7 @@ class Sandbox:
                     p._cr.resume()
                 except deltacr.DeltaCRError:
                     pass
-            if isinstance(e, deltafs.DeltaFSError):
+            if isinstance(e, deltafs.DeltaFSError) and not self._files_dead(e):
                 raise RollbackFailed(f"the files could not be rolled back to state {state} ({e}); "
                                      "nothing changed") from e
             raise
@@ -538,15 +561,17 @@ class Sandbox:
     def diff(self, a: int, b: int | None = None) -> deltafs.Diff:
         """Files added, modified and deleted between two states (b: live)."""
         self._require_open()
-        return self.fs.diff(self._state(a).fs_checkpoint,
-                            None if b is None else self._state(b).fs_checkpoint)
+        fa, fb = self._state(a).fs_checkpoint, None if b is None else self._state(b).fs_checkpoint
+        with self._api("diff"):
+            return self.fs.diff(fa, fb)
 
     def drop(self, state: int) -> None:
         """Forget a state: its filesystem checkpoint is dropped; its process
         templates go when the process checkpointers evict them."""
         self._require_open()
         st = self._state(state)
-        self.fs.drop(st.fs_checkpoint)
+        with self._api(f"drop of state {state}"):
+            self.fs.drop(st.fs_checkpoint)
         del self._states[st.id]
         for s in list(self._states.values()):
             if s.parent == st.id:
@@ -558,15 +583,50 @@ class Sandbox:
     def wait_background(self, timeout: float | None = 60.0) -> None:
         """Wait until every state so far is fully written: memory deltas and
         the files' layers on disk."""
-        for p in self.procs.values():
-            p._cr.wait_background(timeout)
-        self.fs.sync()
+        with self._api("wait for the background writes"):
+            for p in self.procs.values():
+                p._cr.wait_background(timeout)
+            self.fs.sync()
 
     # -- lifetime --------------------------------------------------------------
 
     def _require_open(self) -> None:
         if self.closed:
             raise SandboxStopped("this sandbox was stopped: create a new one")
+
+    def _files_dead(self, e: deltafs.DeltaFSError) -> bool:
+        """Did ``e`` come from the DeltaFS daemon behind the mount dying?
+        (Its pid, not a stat of the mount: a stat of a mount whose daemon
+        hangs would hang too.)"""
+        if self.fs.pid is None:
+            return is_dead(self.root)
+        # a daemon that hung up is often still dying
+        deadline = time.monotonic() + (1.0 if isinstance(e, deltafs.DaemonError) else 0.0)
+        while True:
+            st = _proc.stat(self.fs.pid)
+            if st is None or st.state in "ZX":
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+
+    @contextmanager
+    def _api(self, doing: str) -> Iterator[None]:
+        """The API boundary: what DeltaFS and DeltaCR raise leaves as a
+        DeltaBoxError (theirs is the ``__cause__``): their advice -- mount
+        again with the same store, call resume() -- names steps a sandbox
+        user cannot take, or that the sandbox took already."""
+        try:
+            yield
+        except deltafs.DeltaFSError as e:
+            if self._files_dead(e):
+                raise FilesUnavailable(
+                    f"the {doing} failed: the sandbox's files at {self.root} cannot be reached, their "
+                    "DeltaFS daemon died; nothing more can be checkpointed or rolled back: stop the sandbox "
+                    "(close(), or `deltabox stop NAME`) and create a new one") from e
+            raise DeltaBoxError(f"the {doing} failed in the sandbox's files ({e})") from e
+        except deltacr.DeltaCRError as e:
+            raise ProcessError(f"the {doing} failed in one of the sandbox's processes ({e})") from e
 
     def close(self) -> None:
         """End every process this sandbox started, drop their templates and
@@ -612,8 +672,11 @@ class Sandbox:
         try:
             self.fs.unmount(lazy=True)  # everything it started is ended: nothing to wait for
         except deltafs.DeltaFSError as e:
-            errors.append(f"unmount: {e}")
+            # its daemon died (or hangs): detaching the mount is all there is
+            # to do, and that is not the caller's failure
             deltafs.force_unmount(self.root)
+            if top_mount(canonical(self.root)) is not None:
+                errors.append(f"the mount {self.root} stays ({e}): detach it with `umount -l {self.root}`")
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         if errors:

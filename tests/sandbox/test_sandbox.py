@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 import deltabox
+import deltacr
+import deltafs
 from deltafs.mounts import top_mount
 
 
@@ -147,6 +149,45 @@ def test_bad_input(sb: deltabox.Sandbox, base: Path) -> None:
         sb.rollback(s)
     with pytest.raises(deltabox.DeltaBoxError, match="not a directory"):
         deltabox.Sandbox(str(base / "nope"))
+
+
+def _threads(pid: int | None) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("Threads:")[1].split()[0])
+
+
+def test_a_multi_threaded_process_is_named_and_its_checkpoint_refused(sb: deltabox.Sandbox) -> None:
+    sh, py = start_shells(sb)
+    ask(py, "import threading; ev = threading.Event(); t = threading.Thread(target=ev.wait); t.start()")
+    with pytest.raises(deltabox.ProcessError, match="process 'py' .*more than one thread") as ei:
+        sb.checkpoint()
+    assert isinstance(ei.value.__cause__, deltacr.MultiThreaded)
+    assert "resume()" not in str(ei.value), "DeltaCR's advice is for its own callers"
+    assert sb.states() == []
+    ask(py, "ev.set(); t.join()")
+    deadline = time.monotonic() + 5
+    while _threads(py.pid) > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ask(sh, "echo alive") == "alive"
+    assert sb.checkpoint().id == 1, "once back to one thread it checkpoints"
+
+
+def test_after_the_files_daemon_died_each_call_says_to_stop_the_sandbox(sb: deltabox.Sandbox) -> None:
+    start_shells(sb)
+    s = sb.checkpoint().id
+    assert sb.fs.pid is not None
+    os.kill(sb.fs.pid, signal.SIGKILL)
+    while os.path.exists(f"/proc/{sb.fs.pid}") and "State:\tZ" not in Path(f"/proc/{sb.fs.pid}/status").read_text():
+        time.sleep(0.01)  # gone, or our zombie
+    calls = {"checkpoint": sb.checkpoint, "diff": lambda: sb.diff(s), "rollback": lambda: sb.rollback(s),
+             "drop": lambda: sb.drop(s), "wait_background": sb.wait_background}
+    for what, call in calls.items():
+        with pytest.raises(deltabox.FilesUnavailable, match="stop the sandbox") as ei:
+            call()
+        assert isinstance(ei.value.__cause__, deltafs.DeltaFSError), what
+        assert "mount again" not in str(ei.value), what
+    sb.close()  # no error: detaching the dead mount is all there is to do
+    assert top_mount(sb.root) is None
 
 
 def test_a_rollback_whose_files_cannot_be_switched_changes_nothing(sb: deltabox.Sandbox) -> None:
