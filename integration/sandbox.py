@@ -42,6 +42,7 @@ import fcntl
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -207,6 +208,83 @@ def _read_all(fd: int) -> None:
             return
 
 
+# spawn() returns once the new process first waits for something (input,
+# a child, a reply of the files: state S), as a shell or a REPL does within
+# milliseconds, or after SETTLE_S. A command that exits before it ever waits
+# (``true``) is then refused every time, whether it ended before DeltaCR
+# could attach (a race: Popen starts it first) or just after; one that
+# computes for longer than SETTLE_S is taken as it is.
+SETTLE_S = 0.25
+
+
+def _exited(cmd: str, returncode: int | None, cause: BaseException | None) -> ProcessError:
+    how = ("" if returncode is None else f" (status {returncode})" if returncode >= 0
+           else f" (killed by signal {-returncode})")
+    err = ProcessError(f"{cmd} exited{how} before it could be traced; a sandbox process must keep "
+                       "running: start a shell or a REPL and send it short commands")
+    err.__cause__ = cause
+    return err
+
+
+def _reap(popen: subprocess.Popen[bytes], timeout: float) -> tuple[bool, int | None]:
+    """(has it exited, its returncode: None if a tracer of ours reaped it
+    first, where Popen.wait() would report 0)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pid, status = os.waitpid(popen.pid, os.WNOHANG)
+        except ChildProcessError:
+            popen.returncode = -1  # reaped: Popen must not wait for the pid again
+            return True, None
+        if pid:
+            popen.returncode = os.waitstatus_to_exitcode(status)
+            return True, popen.returncode
+        if time.monotonic() > deadline:
+            return False, None
+        time.sleep(0.001)
+
+
+def _untraced(cmd: str, popen: subprocess.Popen[bytes], e: BaseException) -> BaseException:
+    """End a process DeltaCR could not attach to; returns the error to raise.
+
+    A command that exits at once is usually gone before DeltaCR attaches,
+    which then says so in whatever words the moment gave: the kernel refuses
+    PTRACE_SEIZE of an exiting process (EPERM: "run as root"), or it is a
+    zombie, or it exits during the attach. The reason to report is that it
+    exited."""
+    exited, code = _reap(popen, 1.0)  # an exiting process is reapable within a moment
+    if exited:
+        return _exited(cmd, code, e)
+    popen.kill()
+    popen.wait()
+    if isinstance(e, deltacr.MultiThreaded):
+        err = ProcessError(f"{cmd} runs more than one thread, so it cannot run in a sandbox (a state holds "
+                           "a fork() of each process and fork() copies only one thread); it was ended")
+    elif isinstance(e, deltacr.DeltaCRError):
+        err = ProcessError(f"{cmd} could not be traced ({e}); it was ended")
+    else:
+        return e
+    err.__cause__ = e
+    return err
+
+
+def _exited_at_start(cmd: str, popen: subprocess.Popen[bytes],
+                     cr: deltacr.ProcessCheckpointer) -> ProcessError | None:
+    """Wait until the traced process settles (see SETTLE_S); if it exited
+    first, close its tracing and return the error to raise. Its tracer
+    reaps it, and so has its status."""
+    deadline = time.monotonic() + SETTLE_S
+    while cr.state != "gone" and time.monotonic() < deadline + 5:
+        st = _proc.stat(popen.pid)  # exiting (Z, gone): the tracer sees it a moment later
+        if st is not None and st.state not in "ZX" and (st.state in "ST" or time.monotonic() > deadline):
+            return None
+        time.sleep(0.0005)
+    status = cr.exit_status
+    cr.close(kill_live=True)
+    _gone, code = _reap(popen, 5.0)
+    return _exited(cmd, code if status is None else os.waitstatus_to_exitcode(status), None)
+
+
 def _checkpoint_error(p: "Proc", e: BaseException) -> BaseException:
     """DeltaCR's refusal to capture ``p`` in the sandbox's terms (its own
     advice, "call resume()", is about a call the sandbox already made: the
@@ -281,13 +359,19 @@ class Sandbox:
         check_name(name, "process")
         if name in self.procs:
             raise NameInUse(f"a process named {name!r} already runs in this sandbox: pick another name")
+        cmd = shlex.join(argv)[:200]
         r, w = os.pipe()  # the stdin pipe (both ends close-on-exec: only the process gets it, as fd 0)
         reader = -1
         try:
             reader = os.open(f"/proc/self/fd/{r}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            popen = subprocess.Popen(argv, stdin=r, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, cwd=os.path.join(self.root, cwd),
-                                     env=env, start_new_session=True)
+            try:
+                popen = subprocess.Popen(argv, stdin=r, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, cwd=os.path.join(self.root, cwd),
+                                         env=env, start_new_session=True)
+            except OSError as e:
+                raise ProcessError(f"cannot start {cmd} in the sandbox: {e.strerror}"
+                                   f"{f' ({e.filename})' if e.filename else ''}: check the command "
+                                   "and the working directory") from e
         except BaseException:
             os.close(w)
             if reader >= 0:
@@ -295,16 +379,22 @@ class Sandbox:
             raise
         finally:
             os.close(r)
+        store = os.path.join(self.store, "procs", name)
+        err: BaseException | None
         try:
-            cr = deltacr.ProcessCheckpointer(popen.pid, os.path.join(self.store, "procs", name),
-                                             max_templates=self.max_templates, reap_orphans=True,
-                                             backend=self.backend, hugepages=self.hugepages)
-        except BaseException:
-            popen.kill()
-            popen.wait()
+            cr = deltacr.ProcessCheckpointer(popen.pid, store, max_templates=self.max_templates,
+                                             reap_orphans=True, backend=self.backend, hugepages=self.hugepages)
+        except BaseException as e:
+            err = _untraced(cmd, popen, e)  # ends it
+        else:
+            err = _exited_at_start(cmd, popen, cr)  # ends what is left of it
+        if err is not None:
             os.close(w)
             os.close(reader)
-            raise
+            assert popen.stdout is not None
+            popen.stdout.close()
+            shutil.rmtree(store, ignore_errors=True)  # the name is free again
+            raise err
         proc = Proc(name, list(argv), popen, cr, os.fdopen(w, "wb"), reader)
         self.procs[name] = proc
         return proc
