@@ -59,8 +59,8 @@ import deltafs
 from deltafs.mounts import canonical, is_dead, top_mount
 
 from . import _proc
-from .errors import (BadName, DeltaBoxError, FilesUnavailable, NameInUse, ProcessError, RollbackFailed,
-                     SandboxStopped, UnknownState)
+from .errors import (BadName, DeltaBoxError, FilesUnavailable, NameInUse, OutsideSandbox, ProcessError,
+                     RollbackFailed, SandboxStopped, UnknownState)
 
 
 @dataclass(frozen=True)
@@ -350,8 +350,9 @@ class Sandbox:
 
     def spawn(self, argv: list[str], name: str | None = None, cwd: str = ".",
               env: dict[str, str] | None = None) -> Proc:
-        """Start ``argv`` with its cwd inside the sandbox, stdin/stdout as
-        pipes (stderr joins stdout), and start tracing it."""
+        """Start ``argv`` with its cwd inside the sandbox (``cwd`` relative
+        to the root, or an absolute path under it), stdin/stdout as pipes
+        (stderr joins stdout), and start tracing it."""
         self._require_open()
         if name is None:
             name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(argv[0]) if argv else "proc").lstrip(".-")
@@ -359,6 +360,13 @@ class Sandbox:
         check_name(name, "process")
         if name in self.procs:
             raise NameInUse(f"a process named {name!r} already runs in this sandbox: pick another name")
+        # resolved (.., symlinks): a process started outside the root works
+        # on files no checkpoint holds and no rollback puts back
+        root = os.path.realpath(self.root)
+        where = os.path.realpath(os.path.join(root, cwd))
+        if os.path.commonpath([root, where]) != root:
+            raise OutsideSandbox(f"the working directory {cwd!r} resolves to {where}, outside the sandbox "
+                                 f"root {root}: give a path inside it (a relative one is taken from the root)")
         cmd = shlex.join(argv)[:200]
         r, w = os.pipe()  # the stdin pipe (both ends close-on-exec: only the process gets it, as fd 0)
         reader = -1
@@ -366,7 +374,7 @@ class Sandbox:
             reader = os.open(f"/proc/self/fd/{r}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
                 popen = subprocess.Popen(argv, stdin=r, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, cwd=os.path.join(self.root, cwd),
+                                         stderr=subprocess.STDOUT, cwd=where,
                                          env=env, start_new_session=True)
             except OSError as e:
                 raise ProcessError(f"cannot start {cmd} in the sandbox: {e.strerror}"

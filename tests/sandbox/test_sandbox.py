@@ -299,6 +299,22 @@ def test_a_command_that_exits_at_once_gets_one_clear_error_and_leaves_nothing(sb
     assert ask(sh, "echo ok") == "ok"
 
 
+@pytest.mark.parametrize("cwd", ["/tmp", "..", "pkg/../..", "up", "{root}/../.."])
+def test_a_working_directory_outside_the_sandbox_is_refused(sb: deltabox.Sandbox, cwd: str) -> None:
+    os.symlink("/tmp", os.path.join(sb.root, "up"))  # a link inside leading out
+    before = _children()
+    with pytest.raises(deltabox.OutsideSandbox, match="outside the sandbox root"):
+        sb.spawn(["sleep", "100"], cwd=cwd.format(root=sb.root))
+    assert not sb.procs and {pid for pid in _children() if pid not in before} == set()
+
+
+def test_a_working_directory_inside_the_sandbox_is_taken(sb: deltabox.Sandbox) -> None:
+    sh = sb.spawn(["bash"], name="sh", cwd="pkg")
+    assert ask(sh, "pwd") == os.path.join(os.path.realpath(sb.root), "pkg")
+    sh2 = sb.spawn(["bash"], name="sh2", cwd=os.path.join(sb.root, "pkg"))
+    assert ask(sh2, "cat __init__.py") == "VALUE = 0"
+
+
 def test_default_process_names_are_safe(sb: deltabox.Sandbox) -> None:
     p = sb.spawn(["/bin/cat"])
     assert p.name == "cat-1"
