@@ -166,6 +166,13 @@ class Proc:
         return self._cr.state in ("running", "stopped")
 
     def send(self, data: bytes | str) -> None:
+        """Write to the process's stdin; ProcessError if it has ended. (A
+        write to the pipe would not fail: our own read end keeps it open.)"""
+        if not self.alive:
+            status = self._cr.exit_status
+            how = _how(None if status is None else os.waitstatus_to_exitcode(status))
+            raise ProcessError(f"process {self.name!r} has ended{how}, so nothing reads what is sent to it: "
+                               "roll back to a state in which it ran to bring it back")
         if isinstance(data, str):
             data = data.encode()
         self.stdin.write(data)
@@ -217,10 +224,14 @@ def _read_all(fd: int) -> None:
 SETTLE_S = 0.25
 
 
+def _how(returncode: int | None) -> str:
+    """How a process ended, Popen's way (negative: a signal), for a message."""
+    return ("" if returncode is None else f" (status {returncode})" if returncode >= 0
+            else f" (killed by signal {-returncode})")
+
+
 def _exited(cmd: str, returncode: int | None, cause: BaseException | None) -> ProcessError:
-    how = ("" if returncode is None else f" (status {returncode})" if returncode >= 0
-           else f" (killed by signal {-returncode})")
-    err = ProcessError(f"{cmd} exited{how} before it could be traced; a sandbox process must keep "
+    err = ProcessError(f"{cmd} exited{_how(returncode)} before it could be traced; a sandbox process must keep "
                        "running: start a shell or a REPL and send it short commands")
     err.__cause__ = cause
     return err

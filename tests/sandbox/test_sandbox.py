@@ -124,6 +124,22 @@ def test_processes_started_after_end_and_exited_ones_come_back(sb: deltabox.Sand
     assert late.alive and not sh.alive
 
 
+def test_sending_to_a_process_that_ended_says_so(sb: deltabox.Sandbox) -> None:
+    sh, _py = start_shells(sb)
+    s = sb.checkpoint().id
+    sh.send("exit 7\n")
+    deadline = time.monotonic() + 10
+    while sh.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(deltabox.ProcessError, match=r"process 'sh' has ended \(status 7\).*roll back"):
+        sh.send("echo lost\n")
+    late = sb.spawn(["bash"], name="late")
+    sb.rollback(s)  # ends 'late': it did not exist then
+    with pytest.raises(deltabox.ProcessError, match="process 'late' has ended"):
+        late.send("echo lost\n")
+    assert ask(sh, "echo back") == "back"
+
+
 def test_kill_9_of_a_sandbox_process_then_rollback_brings_it_back(sb: deltabox.Sandbox) -> None:
     sh, py = start_shells(sb)
     ask(py, "x = 41")
