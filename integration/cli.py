@@ -120,6 +120,20 @@ def _stop_dead(name: str) -> None:
             pass
 
 
+def _stop(name: str) -> None:
+    """Stop the sandbox: through its daemon, or after it if it is gone."""
+    workdir = workdir_of(name)
+    if _running(name):
+        _call(name, "stop")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and os.path.exists(os.path.join(workdir, "sandbox.json")):
+            time.sleep(0.02)
+    elif os.path.exists(os.path.join(workdir, "sandbox.json")):
+        _stop_dead(name)
+    else:
+        raise SandboxStopped(f"no sandbox named {name!r} is running")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="deltabox", usage=USAGE)
@@ -163,14 +177,25 @@ def _run(a: argparse.Namespace) -> int:
         check_name(a.name)  # before anything is created
         if a.proc is not None:
             check_name(a.proc, "process")
+        created = False
         if not _running(a.name):
             if not a.base:
                 raise DeltaBoxError(f"sandbox {a.name!r} does not exist: give --base DIR to create it")
             _start(a.name, a.base)
+            created = True
         elif a.base:
             raise NameInUse(f"a sandbox named {a.name!r} is already running; run without --base to "
                             "start another process in it, or pick another --name")
-        res = _call(a.name, "spawn", argv=cmd, proc=a.proc)
+        try:
+            res = _call(a.name, "spawn", argv=cmd, proc=a.proc)
+        except BaseException as e:
+            if not created:
+                raise  # the sandbox and its other processes go on
+            # a sandbox with no process in it, which a retry would find "already running"
+            _stop(a.name)
+            if isinstance(e, DeltaBoxError):
+                raise type(e)(f"{e} (the sandbox {a.name!r} this run created was stopped again)") from e
+            raise
         print(f"sandbox {a.name}: {res['name']} pid {res['pid']} in {res['root']} (output: {res['log']})")
     elif a.cmd == "checkpoint":
         print(_call(a.name, "checkpoint", label=a.label)["id"])
@@ -195,16 +220,7 @@ def _run(a: argparse.Namespace) -> int:
             for path in df[key]:
                 print(f"{tag} {path}")
     elif a.cmd == "stop":
-        workdir = workdir_of(a.name)
-        if _running(a.name):
-            _call(a.name, "stop")
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and os.path.exists(os.path.join(workdir, "sandbox.json")):
-                time.sleep(0.02)
-        elif os.path.exists(os.path.join(workdir, "sandbox.json")):
-            _stop_dead(a.name)
-        else:
-            raise SandboxStopped(f"no sandbox named {a.name!r} is running")
+        _stop(a.name)
     elif a.cmd == "demo":
         from .demo import run
 

@@ -126,3 +126,24 @@ def test_stop_after_a_stale_record_kills_no_unrelated_process(tmp_path: Path, na
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_run_whose_command_fails_stops_the_sandbox_it_created(tmp_path: Path, name: str) -> None:
+    base = tmp_path / "repo"
+    base.mkdir()
+    root = f"/var/lib/deltabox/{name}/root"
+    for cmd, error in ((["/nonexistent"], "cannot start /nonexistent"), (["true"], "true exited")):
+        r = cli("run", "--base", str(base), "--name", name, "--", *cmd)
+        assert r.returncode == 1 and error in r.stderr and "stopped again" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        assert top_mount(root) is None, "no mount left behind"
+        assert not os.path.exists(f"/var/lib/deltabox/{name}/sandbox.json")
+        r = cli("list", name)
+        assert r.returncode == 1 and "no running sandbox" in r.stderr, r.stderr
+    r = cli("run", "--base", str(base), "--name", name, "--", "sleep", "100")  # the retry
+    assert r.returncode == 0, r.stderr
+    # a failed run in a sandbox that runs already leaves it (and its process) alone
+    r = cli("run", "--name", name, "--", "/nonexistent")
+    assert r.returncode == 1 and "stopped again" not in r.stderr, r.stderr
+    assert cli("checkpoint", name).returncode == 0
+    assert top_mount(root) is not None
