@@ -17,7 +17,7 @@ from typing import Any
 from . import _proc, errors
 from .daemon import workdir_of
 from .sandbox import check_name
-from .errors import DeltaBoxError, NameInUse, SandboxStopped
+from .errors import DeltaBoxError, NameInUse, NotAnswering, SandboxStopped
 
 USAGE = """\
 deltabox run [--base DIR] [--name NAME] -- CMD...
@@ -29,24 +29,39 @@ deltabox stop NAME
 deltabox demo [--branches N] [--depth N]"""
 
 
-def _call(sandbox: str, op: str, **args: Any) -> Any:
+# How long a request that should be instant (status, stop) waits for the
+# daemon: a stopped (SIGSTOP) or hung daemon still accepts connections (the
+# kernel queues them), then never answers.
+ANSWER_S = 5.0
+
+
+def _call(sandbox: str, op: str, timeout: float | None = None, **args: Any) -> Any:
     name = sandbox
     path = os.path.join(workdir_of(name), "control.sock")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
     try:
         s.connect(path)
+    except TimeoutError:
+        s.close()
+        raise NotAnswering(f"the daemon of sandbox {name!r} did not take the connection within {timeout} s "
+                           f"(stopped or hung): 'deltabox stop {name}' ends it") from None
     except OSError:
         s.close()
         raise SandboxStopped(f"no running sandbox named {name!r}: start one with "
                              f"'deltabox run --base DIR --name {name} -- CMD'") from None
     with s:
-        s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
         buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                raise SandboxStopped(f"the daemon of sandbox {name!r} hung up")
-            buf += chunk
+        try:
+            s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise SandboxStopped(f"the daemon of sandbox {name!r} hung up")
+                buf += chunk
+        except TimeoutError:
+            raise NotAnswering(f"the daemon of sandbox {name!r} did not answer within {timeout} s "
+                               f"(stopped or hung): 'deltabox stop {name}' ends it") from None
     res = json.loads(buf)
     if not res["ok"]:
         cls = getattr(errors, res.get("kind", ""), DeltaBoxError)
@@ -56,7 +71,7 @@ def _call(sandbox: str, op: str, **args: Any) -> Any:
 
 def _running(name: str) -> bool:
     try:
-        _call(name, "status")
+        _call(name, "status", timeout=ANSWER_S)
         return True
     except SandboxStopped:
         return False
@@ -123,8 +138,19 @@ def _stop_dead(name: str) -> None:
 def _stop(name: str) -> None:
     """Stop the sandbox: through its daemon, or after it if it is gone."""
     workdir = workdir_of(name)
-    if _running(name):
-        _call(name, "stop")
+    try:
+        running = _running(name)
+        if running:
+            _call(name, "stop", timeout=ANSWER_S)
+    except NotAnswering:
+        # As after a daemon that died: stopping ends the sandbox, so what
+        # only the daemon holds (the state tree, the templates) goes anyway.
+        _stop_dead(name)
+        print(f"deltabox: the daemon of sandbox {name!r} did not answer within {ANSWER_S:g} s (stopped or "
+              "hung): killed it and the processes its record still names, and unmounted the sandbox",
+              file=sys.stderr)
+        return
+    if running:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and os.path.exists(os.path.join(workdir, "sandbox.json")):
             time.sleep(0.02)

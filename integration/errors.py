@@ -42,6 +42,11 @@ class FilesUnavailable(DeltaBoxError):
     is the ``__cause__``."""
 
 
+class NotAnswering(DeltaBoxError):
+    """The daemon behind a ``deltabox`` sandbox did not answer in time
+    (stopped with SIGSTOP, hung): ``deltabox stop NAME`` ends it anyway."""
+
+
 class RollbackFailed(DeltaBoxError):
     """A rollback could not complete; the message says which consistent state
     the sandbox was left in."""

@@ -147,3 +147,33 @@ def test_a_run_whose_command_fails_stops_the_sandbox_it_created(tmp_path: Path, 
     assert r.returncode == 1 and "stopped again" not in r.stderr, r.stderr
     assert cli("checkpoint", name).returncode == 0
     assert top_mount(root) is not None
+
+
+def _dead(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_stop_of_a_daemon_that_does_not_answer_times_out_and_cleans_up(tmp_path: Path, name: str) -> None:
+    base = tmp_path / "repo"
+    base.mkdir()
+    r = cli("run", "--base", str(base), "--name", name, "--", "bash")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(Path(f"/var/lib/deltabox/{name}/sandbox.json").read_text())
+    daemon, procs = rec["daemon"][0], [p[0] for p in rec["procs"].values()]
+    os.kill(daemon, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = cli("stop", name)
+        assert r.returncode == 0, r.stderr
+        assert "did not answer within 5 s" in r.stderr and time.monotonic() - t0 < 30
+        assert top_mount(rec["root"]) is None, "no mount left behind"
+        deadline = time.monotonic() + 5
+        while not all(_dead(p) for p in [daemon, *procs]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert all(_dead(p) for p in [daemon, *procs])
+    finally:
+        if not _dead(daemon):
+            os.kill(daemon, signal.SIGCONT)  # the fixture's stop can then reach it
