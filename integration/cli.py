@@ -25,6 +25,7 @@ deltabox checkpoint NAME [--label TEXT]
 deltabox rollback NAME ID
 deltabox list NAME [--json]
 deltabox diff NAME A [B]
+deltabox drop NAME ID
 deltabox stop NAME
 deltabox demo [--branches N] [--depth N]"""
 
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("name")
     d.add_argument("a", type=int)
     d.add_argument("b", type=int, nargs="?")
+    dr = sub.add_parser("drop")
+    dr.add_argument("name")
+    dr.add_argument("id", type=int)
     s = sub.add_parser("stop")
     s.add_argument("name")
     dm = sub.add_parser("demo")
@@ -245,6 +249,8 @@ def _run(a: argparse.Namespace) -> int:
         for tag, key in (("A", "added"), ("M", "modified"), ("D", "deleted")):
             for path in df[key]:
                 print(f"{tag} {path}")
+    elif a.cmd == "drop":
+        _call(a.name, "drop", id=a.id)
     elif a.cmd == "stop":
         _stop(a.name)
     elif a.cmd == "demo":

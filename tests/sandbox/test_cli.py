@@ -177,3 +177,17 @@ def test_stop_of_a_daemon_that_does_not_answer_times_out_and_cleans_up(tmp_path:
     finally:
         if not _dead(daemon):
             os.kill(daemon, signal.SIGCONT)  # the fixture's stop can then reach it
+
+
+def test_drop_forgets_a_state(tmp_path: Path, name: str) -> None:
+    base = tmp_path / "repo"
+    base.mkdir()
+    assert cli("run", "--base", str(base), "--name", name, "--", "bash").returncode == 0
+    first, second = (cli("checkpoint", name, "--label", label).stdout.strip() for label in ("a", "b"))
+    r = cli("drop", name, first)
+    assert r.returncode == 0, r.stderr
+    states = json.loads(cli("list", name, "--json").stdout)
+    assert [(s["id"], s["parent"]) for s in states] == [(int(second), None)]
+    r = cli("drop", name, first)
+    assert r.returncode == 1 and f"no state {first}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert cli("rollback", name, second).returncode == 0
