@@ -21,7 +21,7 @@ from typing import Any
 
 from . import errors
 from .errors import DaemonError, DeltaFSError, MountBusyError, NotAMountError
-from .mounts import canonical, is_dead, store_of, top_mount
+from .mounts import FUSECTL, canonical, is_dead, store_of, top_mount
 from .store import make_store, remove_new_store
 from .view import CheckpointInfo, Diff
 
@@ -161,15 +161,17 @@ class Mount:
         so that a checkpoint contains them and a rollback does not receive
         the discarded state's pages later. syncfs() can return before the
         daemon has read the WRITE requests it queued (seen here: 1 run in 4
-        without what follows), so a STATFS, which the kernel always sends,
-        goes after them: the daemon answers requests in order. About 30 us;
-        syncfs() of a mount with nothing dirty costs about one."""
+        without what follows), so while the connection has requests in
+        flight (fusectl's count; unknown counts as some) a STATFS, which the
+        kernel always sends, goes after them: the daemon answers requests in
+        order. syncfs() of a mount with nothing dirty costs a few us, the
+        STATFS a round trip (70-300 us here, more when the daemon slept)."""
         try:
             fd = os.open(self.mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             return  # a dead or foreign mount: the control request says what is wrong
         try:
-            if _libc.syncfs(fd) == 0:
+            if _libc.syncfs(fd) == 0 and _requests_in_flight(os.fstat(fd).st_dev) != 0:
                 os.fstatvfs(fd)
         except OSError:
             pass  # as above
@@ -239,6 +241,23 @@ class Mount:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _requests_in_flight(dev: int) -> int:
+    """Requests of the FUSE connection of ``dev`` not answered yet, from the
+    fusectl filesystem (the daemon mounts it when it can); -1 if unknown."""
+    if os.major(dev) != 0:
+        return -1
+    try:
+        fd = os.open(f"{FUSECTL}/{os.minor(dev)}/waiting", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+    try:
+        return int(os.read(fd, 32) or b"-1")
+    except (OSError, ValueError):
+        return -1
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:

@@ -38,7 +38,7 @@ from .errors import (AlreadyMountedError, BaseMissingError, DaemonError, DeltaFS
 from .fuseops import INODE_HANDLES_AVAILABLE, Operations, configure_request_spin, invalidate
 from .index import BLOB, Index
 from .records import from_u64
-from .mounts import FSTYPE, SOURCE_PREFIX, canonical, is_dead, top_mount
+from .mounts import FSTYPE, SOURCE_PREFIX, canonical, ensure_fusectl, is_dead, top_mount
 from .store import make_store, remove_new_store
 from .view import View
 
@@ -423,6 +423,7 @@ def serve(mountpoint: str, store: str, base: str | None, options: list[str],
             log.warning("stock pyfuse3: every open and directory listing costs a request "
                         "to this daemon; ./run.sh installs the deltafs build of pyfuse3")
         configure_request_spin()
+        ensure_fusectl()  # lets clients skip a round trip at checkpoints (Mount._write_back_mapped)
         if hasattr(pyfuse3, "set_before_wait") and os.environ.get("DELTAFS_BATCH", "1") != "0":
             # group commit: the request loop commits the batch before it waits
             fs.view.batching = True

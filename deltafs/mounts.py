@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from dataclasses import dataclass
 
 from .errors import NotAMountError
 
 FSTYPE = "fuse.deltafs"
 SOURCE_PREFIX = "deltafs:"
+FUSECTL = "/sys/fs/fuse/connections"  # the FUSE control filesystem: per-connection counters
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,3 +89,12 @@ def is_dead(mountpoint: str) -> bool:
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False
+
+
+def ensure_fusectl() -> bool:
+    """Mount the FUSE control filesystem if it is not (root only; the
+    kernel's fusectl module, usually loaded with fuse). True if it is there."""
+    if any(m.fstype == "fusectl" for m in mount_table()):
+        return True
+    r = subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], capture_output=True, check=False)
+    return r.returncode == 0
