@@ -631,10 +631,9 @@ class ProcessCheckpointer:
         for c in children_of(pid):
             if c in ours or c in self._dying or c in self._dead_templates:
                 continue
-            try:
-                if read_stat(c).state == "Z" or tracer_of(c) == me:
-                    continue
-            except NoSuchProcess:
+            # a zombie counts: a command that ended during the stop, not yet
+            # waited for; restored, the process will wait for it
+            if tracer_of(c) == me:
                 continue
             out.append(c)
         return out

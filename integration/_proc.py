@@ -44,6 +44,14 @@ def stat(pid: int) -> Stat | None:
     return Stat(pid, rest[0], int(rest[1]), int(rest[3]), int(rest[19]))
 
 
+def thread_count(pid: int) -> int:
+    """Threads of ``pid`` (0 if it is gone)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+
+
 def boot_id() -> str:
     with open("/proc/sys/kernel/random/boot_id") as f:
         return f.read().strip()

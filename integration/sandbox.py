@@ -354,8 +354,13 @@ class Sandbox:
         self.current: int | None = None
         self._next_id = 1
         self.closed = False
-        self.fs = deltafs.mount(self.root, base=base, store=os.path.join(self.store, "fs"),
-                                options=options)
+        try:
+            self.fs = deltafs.mount(self.root, base=base, store=os.path.join(self.store, "fs"),
+                                    options=options)
+        except deltafs.DeltaFSError as e:
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            raise DeltaBoxError(f"cannot mount the sandbox's files over {base}: {e}") from e
 
     # -- processes -------------------------------------------------------------
 
@@ -587,9 +592,21 @@ class Sandbox:
         back = [p for p in self.procs.values() if p.name in st.processes]
         pending = [(p, *p._cr.rollback_gated(st.processes[p.name], gate)) for p in back]
         held: list[_proc.Stat] = []
+        ended: list[str] = []
         try:
             for _p, stopped, _f in pending:
-                stopped.wait()  # an error shows in the future, after the gate
+                stopped.wait()
+                if stopped.error is not None and not isinstance(stopped.error, deltacr.ProcessGone):
+                    raise stopped.error  # it may still be running: no switch under it
+            # A process that started threads cannot be held still (ptrace
+            # stopped its main thread only) and cannot be checkpointed; it is
+            # being replaced or ended anyway: end it before the files switch,
+            # so that none of its threads writes into the restored ones.
+            for p in back + leaving:
+                pid = p._cr.live_pid
+                if pid and _proc.thread_count(pid) > 1:
+                    _signal(pid, signal.SIGKILL)
+                    ended.append(p.name)
             # What the processes started (a command running in bash, a
             # background job) is not in any state: stopped now, killed once
             # the files switched, so that it writes nothing into them.
@@ -607,16 +624,20 @@ class Sandbox:
                 except deltacr.DeltaCRError:
                     pass
             if isinstance(e, deltafs.DeltaFSError) and not self._files_dead(e):
+                but = (f", except that {', '.join(ended)} (running threads, which a rollback cannot "
+                       "hold still) had been ended") if ended else ""
                 raise RollbackFailed(f"the files could not be rolled back to state {state} ({e}); "
-                                     "nothing changed") from e
+                                     f"nothing changed{but}") from e
             raise
-        self._kill(held)
-        # Every process is stopped and the files are switched: what is left
-        # in the pipes belongs to the abandoned branch.
-        for p in self.procs.values():
-            p._drain()
-        t_fs = time.perf_counter()
-        gate.open(True)
+        try:
+            self._kill(held)
+            # Every process is stopped and the files are switched: what is
+            # left in the pipes belongs to the abandoned branch.
+            for p in self.procs.values():
+                p._drain()
+        finally:  # the files are switched: the new processes must run, whatever happens here
+            t_fs = time.perf_counter()
+            gate.open(True)
         for p in leaving:
             self._end(p, stopped=True)
         pids: dict[str, int | None] = {p.name: None for p in self.procs.values()}

@@ -443,3 +443,43 @@ def test_close_ends_what_the_processes_started(base: Path, tmp_path: Path) -> No
             and int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3]) in sids]
     assert left == [], "close() left processes of the sandbox (or their zombies) behind"
     del sh
+
+
+def test_a_command_that_ended_during_the_checkpoint_is_not_waited_for_after_a_rollback(
+        sb: deltabox.Sandbox) -> None:
+    # A child that exited but was not waited for yet (a zombie) when the state
+    # was taken: restored, the process waits for it; it must not find a
+    # DeltaCR spare as its child instead and block on it.
+    _sh, py = start_shells(sb)
+    ask(py, "import os; pid = os.fork() or os._exit(0)")
+    time.sleep(0.3)  # the child is a zombie now
+    s = sb.checkpoint().id
+    sb.wait_background()  # nothing reads the template: the first rollback may resume it
+    sb.rollback(s)
+    out = ask(py, "import signal\n"
+                  "def _late(*a): raise TimeoutError('blocked')\n\n"
+                  "_ = signal.signal(signal.SIGALRM, _late); _ = signal.alarm(3)\n"
+                  "try:\n    print(os.wait())\nexcept (ChildProcessError, TimeoutError) as e:\n    print(type(e).__name__)\n\n"
+                  "_ = signal.alarm(0)")
+    assert out == "ChildProcessError", f"os.wait() in the restored REPL: {out}"
+
+
+def test_a_rollback_restores_a_process_that_started_threads(sb: deltabox.Sandbox) -> None:
+    # It cannot be checkpointed any more (fork copies one thread); a rollback
+    # to a state before its threads is the way back, and none of its threads
+    # outlives it (the rollback ends it before the files switch: ptrace holds
+    # one thread only).
+    _sh, py = start_shells(sb)
+    s = sb.checkpoint().id
+    py.send("import threading\n"
+            "def _w():\n    while True:\n        with open('t.txt', 'a') as f: f.write('x')\n\n"
+            "threading.Thread(target=_w, daemon=True).start(); print('started')\n")
+    py.expect("started\n")
+    time.sleep(0.3)
+    assert (Path(sb.root) / "t.txt").exists()
+    with pytest.raises(deltabox.ProcessError, match="more than one thread"):
+        sb.checkpoint()
+    sb.rollback(s)
+    time.sleep(0.5)
+    assert not (Path(sb.root) / "t.txt").exists(), "a thread of the abandoned branch wrote into the restored files"
+    assert ask(py, "print(threading.active_count() if 'threading' in dir() else 1)") == "1"
