@@ -85,6 +85,16 @@ class Host:
 
     def handle(self, req: dict[str, Any]) -> Any:
         op = req.get("op")
+        # answered without waiting for an operation under way (a slow-path
+        # rollback, a long diff): `deltabox stop` would take silence for a
+        # hung daemon and kill it
+        if op == "status":
+            return {"name": self.name, "root": self.sb.root, "base": self.base,
+                    "procs": {n: {"pid": p.pid, "alive": p.alive} for n, p in list(self.sb.procs.items())},
+                    "current": self.sb.current, "pid": os.getpid()}
+        if op == "stop":
+            self.done.set()
+            return None
         with self.lock:
             if op == "spawn":
                 p = self.sb.spawn(list(req["argv"]), name=req.get("proc"), cwd=req.get("cwd", "."))
@@ -98,9 +108,10 @@ class Host:
             if op == "checkpoint":
                 return asdict(self.sb.checkpoint(str(req.get("label") or "")))
             if op == "rollback":
-                r = asdict(self.sb.rollback(int(req["id"])))
-                self.save()
-                return r
+                try:
+                    return asdict(self.sb.rollback(int(req["id"])))
+                finally:  # also after a failed one: the live pids may have changed
+                    self.save()
             if op == "list":
                 return [asdict(s) for s in self.sb.states()]
             if op == "diff":
@@ -108,13 +119,6 @@ class Host:
                 return asdict(self.sb.diff(int(req["a"]), None if b is None else int(b)))
             if op == "drop":
                 self.sb.drop(int(req["id"]))
-                return None
-            if op == "status":
-                return {"name": self.name, "root": self.sb.root, "base": self.base,
-                        "procs": {n: {"pid": p.pid, "alive": p.alive} for n, p in self.sb.procs.items()},
-                        "current": self.sb.current, "pid": os.getpid()}
-            if op == "stop":
-                self.done.set()
                 return None
         raise DeltaBoxError(f"unknown request {op!r}")
 
@@ -162,7 +166,8 @@ def serve(name: str, base: str, ready_fd: int) -> int:
         server.shutdown()
         server.server_close()
         try:
-            host.sb.close()
+            with host.lock:  # after the operation under way, if any (stop does not wait for it)
+                host.sb.close()
         finally:
             for f in ("control.sock", "sandbox.json"):
                 try:
