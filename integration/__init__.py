@@ -10,11 +10,11 @@ process, and never leaves files of one state with processes of another.
 The package lives in ``integration/`` and is imported as ``deltabox``.
 """
 
-from .errors import (BadName, DeltaBoxError, FilesUnavailable, NameInUse, NotAnswering, OutsideSandbox,
-                     ProcessError, RollbackFailed, SandboxStopped, UnknownState)
+from .errors import (BadName, DeltaBoxError, FilesUnavailable, NameInUse, NoAnswer, NotAnswering, OutputClosed,
+                     OutsideSandbox, ProcessError, RollbackFailed, SandboxStopped, UnknownState)
 from .sandbox import CheckpointReport, Proc, RollbackReport, Sandbox, StateInfo
 
 __all__ = [
-    "BadName", "CheckpointReport", "DeltaBoxError", "FilesUnavailable", "NameInUse", "NotAnswering", "OutsideSandbox", "Proc",
-    "ProcessError", "RollbackFailed", "RollbackReport", "Sandbox", "SandboxStopped", "StateInfo", "UnknownState",
+    "BadName", "CheckpointReport", "DeltaBoxError", "FilesUnavailable", "NameInUse", "NoAnswer", "NotAnswering",
+    "OutputClosed", "OutsideSandbox", "Proc", "ProcessError", "RollbackFailed", "RollbackReport", "Sandbox", "SandboxStopped", "StateInfo", "UnknownState",
 ]

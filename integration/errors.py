@@ -35,6 +35,16 @@ class ProcessError(DeltaBoxError):
     to do; the DeltaCR or OS error behind it is the ``__cause__``."""
 
 
+class NoAnswer(DeltaBoxError, TimeoutError):
+    """``Proc.expect``: the process did not print what was expected in time
+    (also a TimeoutError, as before)."""
+
+
+class OutputClosed(DeltaBoxError, EOFError):
+    """``Proc.expect``: the process closed its output (it ended) before
+    printing what was expected (also an EOFError, as before)."""
+
+
 class FilesUnavailable(DeltaBoxError):
     """The sandbox's files cannot be reached any more: the DeltaFS daemon
     behind its mount died or hung up. Nothing more can be checkpointed or

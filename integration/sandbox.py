@@ -59,8 +59,8 @@ import deltafs
 from deltafs.mounts import canonical, is_dead, top_mount
 
 from . import _proc
-from .errors import (BadName, DeltaBoxError, FilesUnavailable, NameInUse, OutsideSandbox, ProcessError,
-                     RollbackFailed, SandboxStopped, UnknownState)
+from .errors import (BadName, DeltaBoxError, FilesUnavailable, NameInUse, NoAnswer, OutputClosed, OutsideSandbox,
+                     ProcessError, RollbackFailed, SandboxStopped, UnknownState)
 
 
 @dataclass(frozen=True)
@@ -126,12 +126,12 @@ def read_until(fd: int, buf: bytes, marker: bytes | str, timeout: float,
     while marker not in buf:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"{name}: no {marker!r} within {timeout} s; got {buf[-300:]!r}")
+            raise NoAnswer(f"{name}: no {marker!r} within {timeout} s; got {buf[-300:]!r}")
         r, _, _ = select.select([fd], [], [], left)
         if r:
             chunk = os.read(fd, 65536)
             if not chunk:
-                raise EOFError(f"{name}: output closed before {marker!r}; got {buf[-300:]!r}")
+                raise OutputClosed(f"{name}: output closed before {marker!r}; got {buf[-300:]!r}")
             buf += chunk
     i = buf.index(marker) + len(marker)
     return buf[:i], buf[i:]

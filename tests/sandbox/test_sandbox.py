@@ -483,3 +483,14 @@ def test_a_rollback_restores_a_process_that_started_threads(sb: deltabox.Sandbox
     time.sleep(0.5)
     assert not (Path(sb.root) / "t.txt").exists(), "a thread of the abandoned branch wrote into the restored files"
     assert ask(py, "print(threading.active_count() if 'threading' in dir() else 1)") == "1"
+
+
+def test_expect_reports_silence_and_an_ended_process_as_sandbox_errors(sb: deltabox.Sandbox) -> None:
+    sh, _py = start_shells(sb)
+    sh.send("echo partial\n")
+    with pytest.raises(deltabox.NoAnswer, match="never-printed") as e:
+        sh.expect("never-printed", timeout=0.3)
+    assert isinstance(e.value, TimeoutError)  # what callers caught before
+    sh.send("exit\n")
+    with pytest.raises(deltabox.OutputClosed):
+        sh.expect("never-printed", timeout=5)
