@@ -45,7 +45,7 @@ def _mount(argv: list[str]) -> int:
 
 def _command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="deltafs", usage=USAGE)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, prog="deltafs")  # not USAGE as a prefix
     c = sub.add_parser("checkpoint")
     c.add_argument("mountpoint")
     c.add_argument("--label", default="")

@@ -164,7 +164,7 @@ def _stop(name: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="deltabox", usage=USAGE)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, prog="deltabox")  # not USAGE as a prefix
     r = sub.add_parser("run")
     r.add_argument("--base")
     r.add_argument("--name", default="default")
