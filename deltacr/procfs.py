@@ -57,6 +57,7 @@ class ProcStat:
     pgrp: int
     starttime: int
     flags: int
+    session: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,15 +75,25 @@ class FdPos:
 PF_KTHREAD = 0x00200000
 
 
+def read_small(path: str) -> bytes:
+    """A small /proc file in one read, without Python's file objects (a
+    rollback reads a few dozen of them on its critical path). Raises
+    FileNotFoundError or ProcessLookupError when the process is gone."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 65536)
+    finally:
+        os.close(fd)
+
+
 def read_stat(pid: int) -> ProcStat:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
+        data = read_small(f"/proc/{pid}/stat").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH while it is being reaped
         raise NoSuchProcess(f"pid {pid} does not exist: check the pid (ps -p {pid})") from None
     rest = data[data.rindex(")") + 2:].split()
     return ProcStat(pid=pid, state=rest[0], ppid=int(rest[1]), pgrp=int(rest[2]),
-                    flags=int(rest[6]), starttime=int(rest[19]))
+                    flags=int(rest[6]), starttime=int(rest[19]), session=int(rest[3]))
 
 
 def read_status(pid: int) -> dict[str, str]:
@@ -109,7 +120,14 @@ def thread_count(pid: int) -> int:
 
 
 def tracer_pid(pid: int) -> int:
-    return int(read_status(pid).get("TracerPid", "0"))
+    """The thread tracing ``pid`` (0: none). One read: a rollback asks for
+    it on its critical path."""
+    try:
+        data = read_small(f"/proc/{pid}/status")
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(f"pid {pid} does not exist") from None
+    i = data.find(b"\nTracerPid:")
+    return int(data[i + 11:data.index(b"\n", i + 1)]) if i >= 0 else 0
 
 
 # A deltacr daemon runs as `python -c "...deltacr.daemon..." --pid SESSION ...`
@@ -238,17 +256,6 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
-def read_small(path: str) -> bytes:
-    """A small /proc file in one read, without Python's file objects (a
-    rollback reads a few dozen of them on its critical path). Raises
-    FileNotFoundError or ProcessLookupError when the process is gone."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, 65536)
-    finally:
-        os.close(fd)
-
-
 def children_of(pid: int) -> list[int]:
     """The children of every thread of ``pid`` (CONFIG_PROC_CHILDREN; a scan
     of /proc where the kernel lacks it)."""
@@ -266,16 +273,6 @@ def children_of(pid: int) -> list[int]:
         except ProcessLookupError:
             pass
     return out
-
-
-def tracer_of(pid: int) -> int:
-    """The thread tracing ``pid`` (0: none, or gone)."""
-    try:
-        data = read_small(f"/proc/{pid}/status")
-    except (FileNotFoundError, ProcessLookupError):
-        return 0
-    i = data.find(b"\nTracerPid:")
-    return int(data[i + 11:data.index(b"\n", i + 1)]) if i >= 0 else 0
 
 
 def _all_stats() -> list[ProcStat]:

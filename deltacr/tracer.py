@@ -39,7 +39,7 @@ from .errors import (AlreadyTraced, DeltaCRError, InjectionFailed, MultiThreaded
                      NotAttached, NotPermitted, ProcessGone, ProcessIsZombie, RestoreFailed)
 from .hugepages import HugePageKeeper
 from .procfs import (PF_KTHREAD, FdPos, Vma, children_of, deltacr_session, descendants, read_fd_positions,
-                     read_maps, read_stat, read_status, signal_pending, thread_count, tracer_of, zombie_children)
+                     read_maps, read_stat, read_status, signal_pending, thread_count, tracer_pid, zombie_children)
 from .replay import ReplayStats, merge, reconcile, replay
 from .restore import restore_cwd_and_mask, restore_fds, revalidate_files
 from .session import Checkpoint, CheckpointInfo, Session, default_store
@@ -633,8 +633,11 @@ class ProcessCheckpointer:
                 continue
             # a zombie counts: a command that ended during the stop, not yet
             # waited for; restored, the process will wait for it
-            if tracer_of(c) == me:
-                continue
+            try:
+                if tracer_pid(c) == me:
+                    continue
+            except NoSuchProcess:
+                continue  # reaped meanwhile: nobody waits for it
             out.append(c)
         return out
 

@@ -17,38 +17,36 @@ Facts this relies on (proc(5)):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
-# the same facts DeltaCR reads: a process's children (every thread's), its tracer
+from deltacr.errors import NoSuchProcess
+# the same facts DeltaCR reads, None or 0 where the process is gone
+from deltacr.procfs import ProcStat as Stat
 from deltacr.procfs import children_of as children
-from deltacr.procfs import read_small
-from deltacr.procfs import tracer_of as tracer
-
-
-@dataclass(frozen=True)
-class Stat:
-    pid: int
-    state: str  # R, S, D, T, t, Z, ...
-    ppid: int
-    session: int
-    start: int  # clock ticks since boot
+from deltacr.procfs import read_stat, tracer_pid
+from deltacr.procfs import thread_count as _thread_count
 
 
 def stat(pid: int) -> Stat | None:
     """The process's stat line, None if it does not exist (or is being reaped)."""
     try:
-        data = read_small(f"/proc/{pid}/stat").decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):  # ESRCH while it is being reaped
+        return read_stat(pid)
+    except NoSuchProcess:
         return None
-    rest = data[data.rindex(")") + 2:].split()
-    return Stat(pid, rest[0], int(rest[1]), int(rest[3]), int(rest[19]))
+
+
+def tracer(pid: int) -> int:
+    """The thread tracing ``pid`` (0: none, or gone)."""
+    try:
+        return tracer_pid(pid)
+    except NoSuchProcess:
+        return 0
 
 
 def thread_count(pid: int) -> int:
     """Threads of ``pid`` (0 if it is gone)."""
     try:
-        return len(os.listdir(f"/proc/{pid}/task"))
-    except (FileNotFoundError, ProcessLookupError):
+        return _thread_count(pid)
+    except NoSuchProcess:
         return 0
 
 
@@ -57,21 +55,10 @@ def boot_id() -> str:
         return f.read().strip()
 
 
-def all_stats() -> list[Stat]:
-    """Every process (one pass over /proc)."""
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            st = stat(int(name))
-            if st is not None:
-                out.append(st)
-    return out
-
-
 def identity(pid: int | None) -> list[int] | None:
     """[pid, start time] to record for ``is_same``, None if it is gone."""
     st = stat(pid) if pid else None
-    return [st.pid, st.start] if st is not None else None
+    return [st.pid, st.starttime] if st is not None else None
 
 
 def is_same(rec: object, boot: str, now_boot: str) -> bool:
@@ -84,7 +71,7 @@ def is_same(rec: object, boot: str, now_boot: str) -> bool:
     except (TypeError, ValueError):
         return False
     st = stat(pid)
-    return st is not None and st.start == start and st.state != "Z"
+    return st is not None and st.starttime == start and st.state != "Z"
 
 
 def comm(pid: int) -> str:

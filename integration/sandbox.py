@@ -550,7 +550,7 @@ class Sandbox:
             left = []
             for d in self._killed:
                 cur = _proc.stat(d.pid)
-                if cur is None or cur.start != d.start:
+                if cur is None or cur.starttime != d.starttime:
                     continue  # gone (or the pid was reused)
                 if cur.state == "Z" and cur.ppid == os.getpid():
                     try:
