@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyfuse3
@@ -14,7 +16,7 @@ from deltafs.daemon import Filesystem
 from deltafs.fuseops import Operations
 from deltafs.index import INO, Index
 from deltafs.records import u64
-from deltafs.view import ROOT
+from deltafs.view import ROOT, View
 
 
 def test_a_transaction_that_cannot_commit_loses_no_file(tmp_path: Path,
@@ -67,6 +69,17 @@ def _open_view(tmp_path: Path) -> tuple[Filesystem, int]:
     return Filesystem(str(tmp_path / "store"), base_fd, "test base"), base_fd
 
 
+@contextmanager
+def _reopened(tmp_path: Path) -> Iterator[View]:
+    """The store in tmp_path, opened (again, after a crash or a clean close), closed after."""
+    fs, base_fd = _open_view(tmp_path)
+    try:
+        yield fs.view
+    finally:
+        fs.close()
+        os.close(base_fd)
+
+
 def _crash(fs: Filesystem, base_fd: int) -> None:
     """What kill -9 leaves: what was committed, not the open batch."""
     fs.view.idx.env.sync(True)
@@ -99,16 +112,11 @@ def test_a_batch_of_operations_is_atomic_per_operation_and_durable_once_committe
         v.make(ROOT, b"uncommitted", stat.S_IFREG | 0o644, 0, 0)  # a crash loses this one
     finally:
         _crash(fs, base_fd)
-    fs, base_fd = _open_view(tmp_path)
-    try:
-        v = fs.view
+    with _reopened(tmp_path) as v:
         d2 = v.lookup(ROOT, b"d")
         assert d2 is not None and v.lookup(d2.ino, b"inside") is not None
         assert v.lookup(ROOT, b"after") is not None
         assert v.lookup(ROOT, b"uncommitted") is None
-    finally:
-        fs.close()
-        os.close(base_fd)
 
 
 def test_a_crash_keeps_a_prefix_of_the_operations_even_with_content_written_at_once(
@@ -129,16 +137,11 @@ def test_a_crash_keeps_a_prefix_of_the_operations_even_with_content_written_at_o
         v.flush_dirty()
     finally:
         _crash(fs, base_fd)
-    fs, base_fd = _open_view(tmp_path)
-    try:
-        v = fs.view
+    with _reopened(tmp_path) as v:
         assert v.lookup(ROOT, b"a") is None and v.lookup(ROOT, b"b") is not None
         assert v.lookup(ROOT, b"later") is None
         j = v.lookup(ROOT, b"journal")
         assert j is not None and v.read(v.content(j.ino), 0, 100) == b"one;two;"
-    finally:
-        fs.close()
-        os.close(base_fd)
 
 
 def test_a_batch_that_cannot_commit_stops_everything_and_loses_no_file(tmp_path: Path) -> None:
@@ -176,16 +179,11 @@ def test_a_batch_that_cannot_commit_stops_everything_and_loses_no_file(tmp_path:
         v.dirty.clear()
         fs.close()
         os.close(base_fd)
-    fs, base_fd = _open_view(tmp_path)
-    try:
-        v = fs.view
+    with _reopened(tmp_path) as v:
         found = v.lookup(ROOT, b"keep")
         assert found is not None and found.ino == keep.ino
         assert v.lookup(ROOT, b"new") is None
         assert v.read(v.content(keep.ino), 0, 1 << 20) == b"precious" * 100
-    finally:
-        fs.close()
-        os.close(base_fd)
 
 
 async def test_dot_and_dotdot_in_a_listing_are_not_lookups(tmp_path: Path,
@@ -193,9 +191,7 @@ async def test_dot_and_dotdot_in_a_listing_are_not_lookups(tmp_path: Path,
     # The kernel takes no reference from "." and ".." in a READDIRPLUS answer
     # and so sends no FORGET for them: counted, the directory and its parent
     # would never be forgotten (an rmdir'd one would stay an orphan for good).
-    fs, base_fd = _open_view(tmp_path)
-    try:
-        v = fs.view
+    with _reopened(tmp_path) as v:
         d = v.make(ROOT, b"d", stat.S_IFDIR | 0o755, 0, 0)
         f = v.make(d.ino, b"f", stat.S_IFREG | 0o644, 0, 0)
         ops = Operations(v, str(tmp_path), inode_handles=True)
@@ -209,6 +205,3 @@ async def test_dot_and_dotdot_in_a_listing_are_not_lookups(tmp_path: Path,
         await ops.readdir(d.ino, 0, None)
         assert listed == [b".", b"..", b"f"]
         assert v.nlookup == {f.ino: 1}
-    finally:
-        fs.close()
-        os.close(base_fd)
