@@ -67,6 +67,11 @@ class DirtyTracker(Protocol):
         """While the process is stopped: ranges written since the last collect/setup.
         ``get_vmas()`` reads /proc/PID/maps (only called when needed)."""
 
+    def give_back(self, dirty: DirtySet) -> None:
+        """A collect whose checkpoint was not taken after all (the fork
+        failed, the process turned out multi-threaded): its ranges count
+        written again, so that the next collect still returns them."""
+
     def teardown(self, pid: int | None, run: RunSyscall | None) -> None:
         """Release kernel resources (and the fd inside the process if it is stopped)."""
 
@@ -83,6 +88,9 @@ class DirtyTracker(Protocol):
 
 class _NothingToPrepare:
     prepares = False
+
+    def give_back(self, dirty: DirtySet) -> None:
+        return None  # collect() changed nothing
 
     def prepare(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> object | None:
         return None
@@ -256,7 +264,24 @@ def copy_pages(src: int, dst: int, ranges: list[tuple[int, int]]) -> int:
     return total
 
 
-class SoftDirtyTracker(_NothingToPrepare):
+class _Carried:
+    """For trackers whose collect() re-arms tracking (the written pages
+    count clean after it): what give_back() returns is added to the next
+    collect. Re-arming from scratch (setup, adopt) drops it: the process's
+    state then is the new base."""
+
+    _carry: list[tuple[int, int]] = []
+
+    def give_back(self, dirty: DirtySet) -> None:
+        if dirty.ranges:
+            self._carry = self._carry + dirty.ranges
+
+    def _take_carry(self) -> list[tuple[int, int]]:
+        carry, self._carry = self._carry, []
+        return carry
+
+
+class SoftDirtyTracker(_Carried, _NothingToPrepare):
     """pagemap soft-dirty bit (needs CONFIG_MEM_SOFT_DIRTY and PAGEMAP_SCAN)."""
 
     name = "soft-dirty"
@@ -267,9 +292,10 @@ class SoftDirtyTracker(_NothingToPrepare):
 
     def setup(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> None:
         self._clear(pid)
+        self._carry = []
 
     def collect(self, pid: int, run: RunSyscall, get_vmas: Callable[[], list[Vma]]) -> DirtySet:
-        out: list[tuple[int, int]] = []
+        out = self._take_carry()
         fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
         try:
             for v in get_vmas():
@@ -286,7 +312,7 @@ class SoftDirtyTracker(_NothingToPrepare):
         return None
 
 
-class UffdWpTracker:
+class UffdWpTracker(_Carried):
     """PAGEMAP_SCAN + userfaultfd async write-protect.
 
     A collect is two ioctls over the whole address space when the layout of
@@ -328,6 +354,7 @@ class UffdWpTracker:
     def adopt(self, prepared: object) -> None:
         assert isinstance(prepared, _Armed)
         self._close_ours()
+        self._carry = []
         # the registration lives in the process's memory map, not in our
         # descriptors: take the uffd and pagemap again now (a spare must not
         # hold descriptors of ours while it waits: 128 spares would be 256)
@@ -379,7 +406,7 @@ class UffdWpTracker:
         if self.uffd is None:
             return DirtySet(ranges=None)
         assert self.pagemap is not None
-        out = _scan_written(self.pagemap) + self.untrackable
+        out = self._take_carry() + _scan_written(self.pagemap) + self.untrackable
         unreg = _scan_unregistered(self.pagemap)
         if unreg != self._unregistered:
             # Something appeared that is not registered: register the private

@@ -53,6 +53,7 @@ TEMPLATE_OPTIONS = _sys.PTRACE_O_EXITKILL
 REAP_BATCH = 8  # dead templates (zombies of the live process) tolerated before reaping them from inside it
 SPARE_QUIET = 0.01  # s without a command before spares are forked (a fork cannot be interrupted)
 AFTER_DELAY = 0.0003  # s a command's left-over work waits for its caller to take the answer
+AFTER_MAX_DEFER = 0.05  # s it waits at most for the callers on critical paths to be done
 
 
 @dataclass
@@ -248,6 +249,13 @@ class _TracerThread(threading.Thread):
                 item = self.q.get(timeout=AFTER_DELAY if self.after else self.tick)
             except queue.Empty:
                 if self.after:
+                    # Not while a caller is on a critical path (a sandbox
+                    # waits for its other processes' forks): this thread's
+                    # Python would hold the GIL the threads it waits for need
+                    # as their forks return. A command runs it first anyway.
+                    if (not critical.idle.is_set()
+                            and time.monotonic() - self.last_command < AFTER_MAX_DEFER):
+                        continue
                     self._run_after()
                     continue
                 busy = False
@@ -759,21 +767,28 @@ class ProcessCheckpointer:
         if self.state != "stopped" or self.live_pid is None or self._regs is None:
             raise DeltaCRError(f"pid {self.pid}: capture() needs a stopped process: call stop() first")
         live, regs = self.live_pid, self._regs
-        n = thread_count(live)
-        if n > 1:
-            raise MultiThreaded(f"pid {live} (session {self.pid}) now has {n} threads: fork() copies only "
-                                "the calling thread; no checkpoint taken (call resume())")
         dirty = self.tracker.collect(live, self._run_in(live, regs), lambda: read_maps(live))
         got: dict[str, Any] = {}
 
         def during() -> None:  # the process is stopped in fork(): its offsets do not move
             try:
+                # Counted here, off the critical path: a stopped process
+                # starts no thread, and a fork of a multi-threaded one
+                # (its other threads not copied) is thrown away below.
+                n = thread_count(live)
+                if n > 1:
+                    raise MultiThreaded(f"pid {live} (session {self.pid}) now has {n} threads: fork() copies "
+                                        "only the calling thread; no checkpoint taken (call resume())")
                 got["fds"] = read_fd_positions(live)
                 got["kids"] = self._own_children(live)
             except BaseException as e:  # noqa: BLE001 - raised once the fork is over
                 got["error"] = e
         tf = time.perf_counter()
-        tpl = inject.fork(live, regs, self._syscall_addr, during)
+        try:
+            tpl = inject.fork(live, regs, self._syscall_addr, during)
+        except BaseException:
+            self.tracker.give_back(dirty)
+            raise
         self.last_fork_ms = (time.perf_counter() - tf) * 1e3
         if self._keeper is not None:
             self._keeper.forget()  # the live process's memory is shared with the template now
@@ -781,6 +796,7 @@ class ProcessCheckpointer:
         if "error" in got:
             inject.kill_and_reap(tpl)
             self._dead_templates.add(tpl)
+            self.tracker.give_back(dirty)
             raise got["error"]
         fds: list[FdPos] = got["fds"]
         waits = bool(got["kids"])

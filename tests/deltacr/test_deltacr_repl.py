@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from deltacr import DeltaCRError, available_backends
+from deltacr import DeltaCRError, MultiThreaded, available_backends
 from deltacr.delta import read_delta
 from deltacr.procfs import read_stat
 
@@ -484,3 +484,28 @@ def test_replaced_processes_do_not_pile_up_as_zombies_of_templates(lab: Lab, sto
     assert cp._tracer.call(frozen_state) == before
     assert not signal_pending(root), "the SIGCHLDs of the reaped children must not stay pending"
     assert cp.rollback(c1).path == "fast" and r.eval("x") == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_checkpoint_refused_for_threads_loses_no_written_page(lab: Lab, store: str, backend: str) -> None:
+    # The refusal comes after the dirty pages were collected (the threads
+    # are counted during the fork, off the critical path): the next
+    # checkpoint's delta must still hold what was written before it.
+    r = lab.repl("import threading; a = bytearray(4 << 20)")
+    cp = lab.checkpointer(r.pid, store, backend=backend, max_templates=8, rehydrate=False)
+    root = cp.checkpoint("root").id
+    r.run("a[::4096] = b'w' * (len(a) // 4096); ev = threading.Event(); t = threading.Thread(target=ev.wait); t.start()")
+    with pytest.raises(MultiThreaded, match=rf"pid {r.pid} .*now has 2 threads"):
+        cp.checkpoint("refused")
+    r.run("ev.set(); t.join()")
+    deadline = time.monotonic() + 5
+    while int(open(f"/proc/{r.pid}/status").read().split("Threads:")[1].split()[0]) > 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    after = cp.checkpoint("after").id
+    cp.wait_background()
+    assert cp.evict(after)
+    r.run("a[:] = bytes(len(a))")
+    res = cp.rollback(after)
+    assert res.path == "slow" and res.base == root
+    assert r.eval("a.count(b'w')") == (4 << 20) // 4096
