@@ -74,6 +74,26 @@ def is_same(rec: object, boot: str, now_boot: str) -> bool:
     return st is not None and st.starttime == start and st.state != "Z"
 
 
+def session_members(sessions: set[int]) -> list[Stat]:
+    """Every live process (not a zombie) in one of ``sessions``."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = stat(int(name))
+            if st is not None and st.session in sessions and st.state != "Z":
+                out.append(st)
+    return out
+
+
+def cwd_under(pid: int, root: str) -> bool:
+    """Is the working directory of ``pid`` ``root`` or below it?"""
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    return cwd == root or cwd.startswith(root.rstrip("/") + "/")
+
+
 def comm(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm") as f:

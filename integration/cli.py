@@ -115,14 +115,22 @@ def _stop_dead(name: str) -> None:
         rec = {}
     now = _proc.boot_id()
     procs = rec.get("procs")
+    made = rec.get("sessions")
+    made = {s for s in made if isinstance(s, int)} if isinstance(made, list) else set()
+    held: set[int] = set()
     for ident in [rec.get("daemon"), *(procs.values() if isinstance(procs, dict) else ())]:
         if _proc.is_same(ident, rec.get("boot", ""), now):
+            st = _proc.stat(int(ident[0]))  # type: ignore[index]
+            if st is not None and st.session in made:
+                held.add(st.session)
             try:
-                os.kill(int(ident[0]), signal.SIGKILL)
+                os.kill(int(ident[0]), signal.SIGKILL)  # type: ignore[index]
             except ProcessLookupError:
                 pass
     # the mount point is where this name's sandbox mounts, whatever the record says
     root = os.path.join(workdir, "root")
+    if rec.get("boot") == now:
+        _end_sessions(held, made - held, root)
     import deltafs
 
     try:
@@ -134,6 +142,32 @@ def _stop_dead(name: str) -> None:
             os.unlink(os.path.join(workdir, f))
         except FileNotFoundError:
             pass
+
+
+def _end_sessions(held: set[int], unheld: set[int], root: str) -> None:
+    """SIGKILL what the sandbox's processes started after its daemon died:
+    the other members of their sessions (each process was spawned in its
+    own; commands, background jobs and orphans stay in it unless they call
+    setsid). ``held``: sessions the record lists and a process it names
+    still holds (same boot, same start time) -- the kernel hands a
+    session's id to no one else while any member lives, so every member is
+    the sandbox's. ``unheld``: listed sessions whose named process is gone
+    (a REPL ends when the daemon's end closes its stdin); the id could in
+    principle have been reused since, so there only members working under
+    the sandbox's root go. Never the caller's own session (a stop typed in
+    the sandbox's shell). Rounds, as a member may fork while we kill."""
+    me, mine = os.getpid(), os.getsid(0)
+    for _round in range(20):
+        left = [st.pid for st in _proc.session_members((held | unheld) - {mine})
+                if st.pid != me and (st.session in held or _proc.cwd_under(st.pid, root))]
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
 
 
 def _stop(name: str) -> None:

@@ -4,7 +4,8 @@ Layout of ``/var/lib/deltabox/NAME`` (the sandbox's workdir): ``root/`` the
 mount point the processes work in, ``store/`` the DeltaFS and DeltaCR
 stores, ``sandbox.json`` what a later ``deltabox stop`` needs even if this
 daemon died (the boot id, its pid and the live pids, each with its start
-time so that a stale record kills nothing else), ``control.sock``, and per
+time so that a stale record kills nothing else, and the session each
+process was spawned in, where what it starts goes), ``control.sock``, and per
 process ``procs/NAME.log`` with everything it printed. A process's stdin is
 a pipe the daemon keeps open, so programs that read stdin do not see EOF.
 
@@ -66,6 +67,8 @@ class Host:
             "daemon": _proc.identity(os.getpid()),
             "fs_daemon": _proc.identity(self.sb.fs.status()["pid"]),
             "procs": {n: _proc.identity(p.pid) for n, p in self.sb.procs.items()},
+            # each process's own session, made at spawn: what it starts is in it
+            "sessions": sorted({p.sid for p in self.sb.procs.values()}),
         })
 
     def _pump(self, p: Proc, log_path: str) -> None:

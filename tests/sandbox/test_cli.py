@@ -67,22 +67,62 @@ def test_run_checkpoint_rollback_list_stop(tmp_path: Path, name: str) -> None:
     assert r.returncode != 0 and "no running sandbox" in r.stderr
 
 
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie (an orphan's new parent may be this very process:
+    a subreaper once a test made it one); ours is reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    if state != "Z":
+        return False
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    return True
+
+
+def _with_token(token: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and token.encode() in (d / "cmdline").read_bytes():
+                if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.append(int(d.name))
+        except OSError:
+            pass
+    return out
+
+
 def test_kill_9_of_the_daemon_then_clean_stop(tmp_path: Path, name: str) -> None:
     base = tmp_path / "repo"
     base.mkdir()
-    r = cli("run", "--base", str(base), "--name", name, "--", "python3", "-u", "-i", "-q")
-    assert r.returncode == 0, r.stderr
-    assert cli("checkpoint", name).returncode == 0
-    rec = json.loads(Path(f"/var/lib/deltabox/{name}/sandbox.json").read_text())
-    procs = [int(p[0]) for p in rec["procs"].values() if p]
-    os.kill(rec["daemon"][0], signal.SIGKILL)
-    time.sleep(0.3)
-    r = cli("stop", name)
-    assert r.returncode == 0, r.stderr
-    assert top_mount(rec["root"]) is None, "no mount left behind"
-    for pid in procs:
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-    assert os.path.isdir(f"/var/lib/deltabox/{name}/store/fs/index"), "the store stays intact"
+    # what the process starts stays behind when the daemon dies: a background
+    # job and an orphan (its parent subshell gone) -- stop ends them too
+    token = f"10{os.getpid() % 1000:03d}.25"
+    script = f"sleep {token} & (sleep {token} &); cd sub && exec python3 -u -i -q"
+    (base / "sub").mkdir()
+    try:
+        r = cli("run", "--base", str(base), "--name", name, "--", "bash", "-c", script)
+        assert r.returncode == 0, r.stderr
+        assert cli("checkpoint", name).returncode == 0
+        rec = json.loads(Path(f"/var/lib/deltabox/{name}/sandbox.json").read_text())
+        procs = [int(p[0]) for p in rec["procs"].values() if p]
+        started = _with_token(token)
+        assert len(started) == 2, started
+        os.kill(rec["daemon"][0], signal.SIGKILL)
+        time.sleep(0.3)
+        r = cli("stop", name)
+        assert r.returncode == 0, r.stderr
+        assert top_mount(rec["root"]) is None, "no mount left behind"
+        for pid in procs:
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        assert _with_token(token) == [], "what the sandbox's process started is ended too"
+        assert os.path.isdir(f"/var/lib/deltabox/{name}/store/fs/index"), "the store stays intact"
+    finally:
+        for pid in _with_token(token):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("args", [["--name", "../../../tmp/x/trav"], ["--name", "/"], ["--name", ".."],
@@ -104,26 +144,47 @@ def test_names_that_could_escape_are_refused(tmp_path: Path, args: list[str]) ->
 
 def test_stop_after_a_stale_record_kills_no_unrelated_process(tmp_path: Path, name: str) -> None:
     # A record left by a daemon that died long ago (or before a reboot) names
-    # pids that may belong to anything by now: they are not killed.
-    bystander = subprocess.Popen(["sleep", "100"])
+    # pids that may belong to anything by now: they are not killed, nor
+    # their sessions. The bystander has a session of its own, with a child.
+    bystander = subprocess.Popen(["bash", "-c", "sleep 100 & wait"], start_new_session=True)
     try:
         workdir = Path(f"/var/lib/deltabox/{name}")
         workdir.mkdir(parents=True)
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         start = int(Path(f"/proc/{bystander.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        for rec in ({"boot": boot, "daemon": [bystander.pid, start + 1], "procs": {"sh": [bystander.pid, 5]}},
-                    {"boot": "another-boot", "daemon": [bystander.pid, start], "procs": {}},
+        sessions = [bystander.pid]
+        kids = Path(f"/proc/{bystander.pid}/task/{bystander.pid}/children")
+        deadline = time.monotonic() + 5
+        while not kids.read_text().split() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        child = [int(p) for p in kids.read_text().split()]
+        assert len(child) == 1
+        for rec in ({"boot": boot, "daemon": [bystander.pid, start + 1], "procs": {"sh": [bystander.pid, 5]},
+                     "sessions": sessions},
+                    {"boot": "another-boot", "daemon": [bystander.pid, start], "procs": {},
+                     "sessions": sessions},
                     {"daemon": bystander.pid, "procs": {"sh": bystander.pid}}):  # an older format
             (workdir / "sandbox.json").write_text(json.dumps(rec))
             r = cli("stop", name)
             assert r.returncode == 0, r.stderr
             assert bystander.poll() is None, f"stop killed an unrelated process after {rec}"
+            assert os.path.exists(f"/proc/{child[0]}"), f"stop killed an unrelated session after {rec}"
             assert not (workdir / "sandbox.json").exists()
-        # the same process, same boot: that one is the sandbox's and goes
-        (workdir / "sandbox.json").write_text(json.dumps({"boot": boot, "procs": {"sh": [bystander.pid, start]}}))
+        # the same process, same boot: that one is the sandbox's and goes,
+        # with what it started (its session, which the record lists)
+        (workdir / "sandbox.json").write_text(json.dumps(
+            {"boot": boot, "procs": {"sh": [bystander.pid, start]}, "sessions": sessions}))
         assert cli("stop", name).returncode == 0
         assert bystander.wait(timeout=10) == -signal.SIGKILL
+        deadline = time.monotonic() + 5
+        while not _ended(child[0]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _ended(child[0]), "the sandbox process's child is ended too"
     finally:
+        try:
+            os.killpg(bystander.pid, signal.SIGKILL)  # its own group: the child too
+        except ProcessLookupError:
+            pass
         bystander.kill()
         bystander.wait()
 
