@@ -51,6 +51,7 @@ class Checkpoint:
     xstate: bytes = b""  # x87/SSE/AVX registers (PTRACE_GETREGSET NT_X86_XSTATE)
     depth: int = 0  # forks between the attached process and this checkpoint's template (its lineage)
     had_children: bool = False  # children of its own when captured (see Tracer._may_resume_template)
+    stopped: bool = False  # in a job-control stop (SIGSTOP, ^Z) when captured: restored stopped
 
     @property
     def registers(self) -> Regs:

@@ -800,6 +800,7 @@ class ProcessCheckpointer:
             raise got["error"]
         fds: list[FdPos] = got["fds"]
         waits = bool(got["kids"])
+        stopped = signal.SIGSTOP in self._pending  # how interrupt() notes a job-control stop
         with self._lock:
             cid = self.session.new_id()
         parent, created, depth = self.current, time.time(), self._live_depth + 1
@@ -813,7 +814,7 @@ class ProcessCheckpointer:
                 if not any("vector registers" in w for w in self.warnings):
                     self.warnings.append(f"pid {live}: the vector registers cannot be read ({e}); a slow-path "
                                          "restore of a process stopped mid-computation may go wrong")
-            self._record(cid, parent, created, label, regs, fds, xstate, tpl, dirty, depth, waits)
+            self._record(cid, parent, created, label, regs, fds, xstate, tpl, dirty, depth, waits, stopped)
         if defer:
             self._unfinished.append(finish)
         else:
@@ -845,11 +846,11 @@ class ProcessCheckpointer:
 
     def _record(self, cid: int, parent: int | None, created: float, label: str, regs: _sys.Regs,
                 fds: list[FdPos], xstate: bytes, tpl: int, dirty: Any, depth: int,
-                had_children: bool = False) -> None:
+                had_children: bool = False, stopped: bool = False) -> None:
         with self._lock:
             ck = Checkpoint(cid, parent, label, created, regs.to_bytes(), fds,
                             syscall_addr=self._syscall_addr, xstate=xstate, depth=depth,
-                            had_children=had_children)
+                            had_children=had_children, stopped=stopped)
             self.session.checkpoints[cid] = ck
             self.pool.add(cid, tpl, root=parent is None)
             self._done[cid] = threading.Event()
@@ -1030,7 +1031,7 @@ class ProcessCheckpointer:
             raise
         with self._lock:
             self._regs = regs
-            self._pending = []
+            self._pending = [signal.SIGSTOP] if ck.stopped else []  # stopped as when captured (see _resume)
             self.current = cid
             self.pool.touch(cid)
         if resume:
@@ -1154,7 +1155,7 @@ class ProcessCheckpointer:
                 warnings.append(f"dirty tracking could not be re-armed in pid {new}: {e}")
             revalidate_files(new, ck.fds)
             if resume:
-                inject.resume(new, inject.resumable_regs(regs))
+                inject.resume(new, inject.resumable_regs(regs), [signal.SIGSTOP] if ck.stopped else [])
             else:
                 _sys.ptrace_setregs(new, regs)
         except BaseException:
@@ -1202,7 +1203,8 @@ class ProcessCheckpointer:
             if self._keeper is not None:
                 self._keeper.forget()
             self._regs = regs
-            self._pending = []
+            # stopped as it was when captured: resume() sends the stop first
+            self._pending = [signal.SIGSTOP] if ck.stopped and not resume else []
             self.current = cid
             self.pool.touch(cid)
         self._evict()

@@ -89,7 +89,7 @@ def test_reap_orphans_reaps_what_a_rollback_orphaned_and_nothing_else(store: str
             p.wait(timeout=5)
 
 
-def test_a_job_control_stop_outlasts_attach_checkpoint_and_rollback(lab: Lab, store: str) -> None:
+def test_a_job_control_stop_outlasts_attach_checkpoint_and_comes_back_with_its_state(lab: Lab, store: str) -> None:
     # kill -STOP (or ^Z) stops a process; tracing it must not start it again
     r = lab.repl("x = 1")
     os.kill(r.pid, signal.SIGSTOP)
@@ -103,8 +103,32 @@ def test_a_job_control_stop_outlasts_attach_checkpoint_and_rollback(lab: Lab, st
     os.kill(r.pid, signal.SIGCONT)
     assert r.eval("x") == 1
     r.run("x = 2")
+    running = cr.checkpoint("running").id
+    # back to the state captured while stopped: stopped again, as CRIU restores it
     live = cr.rollback(c).pid
-    assert r.eval("x") == 1 and live == cr.live_pid
+    assert live == cr.live_pid
+    wait_state(live, "Tt")
+    time.sleep(0.1)
+    assert proc_state(live) in "Tt", "the restored process runs: it was stopped when captured"
+    os.kill(live, signal.SIGCONT)
+    assert r.eval("x") == 1
+    # and a state captured running comes back running, also from a stopped process
+    os.kill(live, signal.SIGSTOP)
+    wait_state(live, "Tt")
+    assert cr.rollback(running).path in ("fast", "spare")
+    assert r.eval("x") == 2
+    # the slow path too
+    os.kill(cr.live_pid, signal.SIGSTOP)
+    c2 = cr.checkpoint("stopped again").id
+    os.kill(cr.live_pid, signal.SIGCONT)
+    r.run("x = 3")
+    cr.wait_background()
+    assert cr.evict(c2)
+    res = cr.rollback(c2)
+    assert res.path == "slow"
+    wait_state(res.pid, "Tt")
+    os.kill(res.pid, signal.SIGCONT)
+    assert r.eval("x") == 2
 
 
 def proc_state(pid: int) -> str:

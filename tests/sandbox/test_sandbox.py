@@ -494,3 +494,37 @@ def test_expect_reports_silence_and_an_ended_process_as_sandbox_errors(sb: delta
     sh.send("exit\n")
     with pytest.raises(deltabox.OutputClosed):
         sh.expect("never-printed", timeout=5)
+
+
+def _state(pid: int | None) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _until_state(pid: int | None, want: str) -> None:
+    deadline = time.monotonic() + 5
+    while _state(pid) not in want:
+        assert time.monotonic() < deadline, f"pid {pid} never reached state {want}"
+        time.sleep(0.01)
+
+
+def test_a_process_stopped_when_checkpointed_comes_back_stopped(sb: deltabox.Sandbox) -> None:
+    sh, py = start_shells(sb)
+    ask(py, "x = 1")
+    os.kill(py.pid, signal.SIGSTOP)  # kill -STOP by the user, or ^Z
+    _until_state(py.pid, "Tt")
+    stopped = sb.checkpoint("py stopped").id
+    assert _state(py.pid) in "Tt", "the checkpoint let it run"
+    os.kill(py.pid, signal.SIGCONT)
+    ask(py, "x = 2")
+    running = sb.checkpoint("py running").id
+    sb.rollback(stopped)
+    _until_state(py.pid, "Tt")
+    time.sleep(0.1)
+    assert _state(py.pid) in "Tt", "restored running, though it was stopped in that state"
+    assert ask(sh, "echo up") == "up"
+    os.kill(py.pid, signal.SIGCONT)
+    assert ask(py, "print(x)") == "1"
+    os.kill(py.pid, signal.SIGSTOP)
+    _until_state(py.pid, "Tt")
+    sb.rollback(running)
+    assert ask(py, "print(x)") == "2", "a state captured running comes back running"
