@@ -1073,6 +1073,7 @@ class ProcessCheckpointer:
         swap = False  # the template itself is resumed; its spare becomes the template
         replayed = delta_bytes = depth = 0
         base_id: int | None = None
+        old_fds: list[FdPos] = []
         try:
             addr = ck.syscall_addr
             if tpl is not None:
@@ -1088,6 +1089,12 @@ class ProcessCheckpointer:
                     depth = ck.depth + 1
                 inject.set_options(new, LIVE_OPTIONS)
                 run = self._run_in(new, regs, addr)
+                if gate is not None and old is not None:
+                    # The offsets below move open file descriptions the old
+                    # process may share (files open since before cid): if
+                    # the caller abandons, it gets its own back. Read here,
+                    # while the caller switches its files.
+                    old_fds = read_fd_positions(old)
                 warnings += self._set_fds(new, run, ck, slow=False)
                 path = "fast"
             else:
@@ -1181,6 +1188,12 @@ class ProcessCheckpointer:
                     self._retire(old)
                     self.state = "gone"
                 else:
+                    if old_fds and self._regs is not None:
+                        try:
+                            restore_fds(old, self._run_in(old, self._regs), old_fds, False, None)
+                        except (OSError, DeltaCRError) as e:
+                            self.warnings.append(f"pid {old}: putting its file offsets back after an "
+                                                 f"abandoned rollback failed: {e}")
                     self._resume()
             raise
         if old is not None:

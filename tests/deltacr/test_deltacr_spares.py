@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -196,6 +197,31 @@ def test_an_abandoned_rollback_leaves_the_template_and_its_spare_as_they_were(la
     assert is_alive(template) and is_alive(spare)
     res = cp.rollback(c1)  # and both still restore c1
     assert res.spare and r.eval("x") == "one"
+
+
+def test_an_abandoned_rollback_leaves_the_old_process_its_file_offsets(lab: Lab, store: str,
+                                                                        tmp_path: Path) -> None:
+    # The restored process shares the open file descriptions of files open
+    # since before the checkpoint with the old one: setting its offsets moved
+    # the old process's too, and an abandoned rollback must put them back.
+    from deltacr import Gate, RestoreFailed
+    data = tmp_path / "data"
+    data.write_bytes(bytes(range(256)) * 64)
+    r = lab.repl(f"f = open({str(data)!r}, 'rb', buffering=0); f.read(100)")
+    cp = lab.checkpointer(r.pid, store, rehydrate=False)
+    c1 = cp.checkpoint().id
+    r.run("f.read(5000)")
+    cp.wait_background()
+    for _ in range(2):  # with its spare, then (spares off) forked from the template
+        gate = Gate()
+        stopped, fut = cp.rollback_gated(c1, gate)
+        stopped.wait()
+        gate.open(False)
+        with pytest.raises(RestoreFailed, match="abandoned"):
+            fut.result()
+        assert r.eval("f.tell()") == 5100, "the old process's offset moved"
+        cp.spares = False
+    assert cp.rollback(c1).pid == cp.live_pid and r.eval("f.tell()") == 100
 
 
 def _resumable_session(lab: Lab, store: str) -> tuple[Repl, ProcessCheckpointer, int, int]:
