@@ -202,7 +202,7 @@ def read_fd_positions(pid: int) -> list[FdPos]:
         fd = int(name)
         try:
             path = os.readlink(base + name)
-            regular = path[:1] == "/" and not path.startswith("/dev/") and stat.S_ISREG(os.stat(base + name).st_mode)
+            regular = path[:1] == "/" and not path.startswith("/dev/") and _is_regular(base + name)
             if not regular:
                 out.append(FdPos(fd, 0, 0, path, False))
                 continue
@@ -216,6 +216,36 @@ def read_fd_positions(pid: int) -> list[FdPos]:
         flags = int(lines[1].split()[1], 8)
         out.append(FdPos(fd, pos, flags, path, True))
     out.sort(key=lambda p: p.fd)
+    return out
+
+
+def _is_regular(fd_link: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(fd_link).st_mode)
+    except (FileNotFoundError, ProcessLookupError):
+        raise
+    except OSError:
+        # The file's own filesystem cannot answer: a DeltaFS that has just
+        # switched to a state without this file says ESTALE. A path-named
+        # fd is a file almost always; if not, its lseek fails with a warning.
+        return True
+
+
+def fd_offsets(pid: int) -> dict[int, int]:
+    """The offset of every open fd of ``pid`` (0 for pipes and sockets),
+    from /proc alone: no stat of the files, which may sit on a filesystem
+    that is busy switching (a sandbox's rollback reads them meanwhile)."""
+    out: dict[int, int] = {}
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(f"pid {pid} does not exist") from None
+    for name in names:
+        try:
+            info = read_small(f"/proc/{pid}/fdinfo/{name}")
+        except OSError:
+            continue  # closed meanwhile
+        out[int(name)] = int(info.split(b"\n", 1)[0].split()[1])  # "pos:\t<n>"
     return out
 
 

@@ -38,8 +38,9 @@ from .dirty import DirtyTracker, copy_pages, make_tracker, pfn_changed
 from .errors import (AlreadyTraced, DeltaCRError, InjectionFailed, MultiThreaded, NoSuchProcess,
                      NotAttached, NotPermitted, ProcessGone, ProcessIsZombie, RestoreFailed)
 from .hugepages import HugePageKeeper
-from .procfs import (PF_KTHREAD, FdPos, Vma, children_of, deltacr_session, descendants, read_fd_positions,
-                     read_maps, read_stat, read_status, signal_pending, thread_count, tracer_pid, zombie_children)
+from .procfs import (PF_KTHREAD, FdPos, Vma, children_of, deltacr_session, descendants, fd_offsets,
+                     read_fd_positions, read_maps, read_stat, read_status, signal_pending, thread_count, tracer_pid,
+                     zombie_children)
 from .replay import ReplayStats, merge, reconcile, replay
 from .restore import restore_cwd_and_mask, restore_fds, revalidate_files
 from .session import Checkpoint, CheckpointInfo, Session, default_store
@@ -212,6 +213,7 @@ class _TracerThread(threading.Thread):
         self.watching = watching  # is there a running process to service?
         self.tick = 0.005
         self.last_command = time.monotonic()
+        self.answered = self.last_command  # when the last command (not a posted item) was answered
         # work a command leaves for after its caller has the answer; it runs
         # before the next command, so every command sees it done (see run())
         self.after: list[Callable[[], None]] = []
@@ -254,7 +256,7 @@ class _TracerThread(threading.Thread):
                     # Python would hold the GIL the threads it waits for need
                     # as their forks return. A command runs it first anyway.
                     if (not critical.idle.is_set()
-                            and time.monotonic() - self.last_command < AFTER_MAX_DEFER):
+                            and time.monotonic() - self.answered < AFTER_MAX_DEFER):
                         continue
                     self._run_after()
                     continue
@@ -286,6 +288,8 @@ class _TracerThread(threading.Thread):
             finally:
                 self.quiet.set()
                 self.last_command = time.monotonic()
+                if not posted:
+                    self.answered = self.last_command
                 self.tick = 0.0005  # after a command, look at the (maybe new) process soon
 
     def _run_after(self) -> None:
@@ -982,6 +986,15 @@ class ProcessCheckpointer:
             except ProcessLookupError:
                 pass
 
+    def _put_offsets_back(self, pid: int, saved: dict[int, int]) -> None:
+        """lseek the stopped live process's fds whose offset moved back to
+        ``saved`` (see fd_offsets)."""
+        assert self._regs is not None
+        run = self._run_in(pid, self._regs)
+        for fd, pos in fd_offsets(pid).items():
+            if fd in saved and saved[fd] != pos:
+                run(_sys.SYS_lseek, fd, saved[fd], os.SEEK_SET)
+
     def _set_fds(self, pid: int, run: Callable[..., int], ck: Checkpoint, slow: bool) -> list[str]:
         return restore_fds(pid, run, ck.fds, slow, getattr(self.tracker, "target_fd", None))
 
@@ -1073,7 +1086,7 @@ class ProcessCheckpointer:
         swap = False  # the template itself is resumed; its spare becomes the template
         replayed = delta_bytes = depth = 0
         base_id: int | None = None
-        old_fds: list[FdPos] = []
+        old_offsets: dict[int, int] = {}
         try:
             addr = ck.syscall_addr
             if tpl is not None:
@@ -1089,12 +1102,13 @@ class ProcessCheckpointer:
                     depth = ck.depth + 1
                 inject.set_options(new, LIVE_OPTIONS)
                 run = self._run_in(new, regs, addr)
-                if gate is not None and old is not None:
+                if old is not None:
                     # The offsets below move open file descriptions the old
                     # process may share (files open since before cid): if
-                    # the caller abandons, it gets its own back. Read here,
-                    # while the caller switches its files.
-                    old_fds = read_fd_positions(old)
+                    # the rollback fails or is abandoned, it gets its own
+                    # back. From /proc alone: a gated caller switches its
+                    # files meanwhile.
+                    old_offsets = fd_offsets(old)
                 warnings += self._set_fds(new, run, ck, slow=False)
                 path = "fast"
             else:
@@ -1188,12 +1202,12 @@ class ProcessCheckpointer:
                     self._retire(old)
                     self.state = "gone"
                 else:
-                    if old_fds and self._regs is not None:
+                    if old_offsets and self._regs is not None:
                         try:
-                            restore_fds(old, self._run_in(old, self._regs), old_fds, False, None)
+                            self._put_offsets_back(old, old_offsets)
                         except (OSError, DeltaCRError) as e:
-                            self.warnings.append(f"pid {old}: putting its file offsets back after an "
-                                                 f"abandoned rollback failed: {e}")
+                            self.warnings.append(f"pid {old}: putting its file offsets back after a "
+                                                 f"failed rollback failed: {e}")
                     self._resume()
             raise
         if old is not None:

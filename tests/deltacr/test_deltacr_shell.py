@@ -119,6 +119,7 @@ def test_a_job_control_stop_outlasts_attach_checkpoint_and_comes_back_with_its_s
     assert r.eval("x") == 2
     # the slow path too
     os.kill(cr.live_pid, signal.SIGSTOP)
+    wait_state(cr.live_pid, "Tt")  # a SIGSTOP still queued is not a stop yet (see docs/deltacr.md)
     c2 = cr.checkpoint("stopped again").id
     os.kill(cr.live_pid, signal.SIGCONT)
     r.run("x = 3")

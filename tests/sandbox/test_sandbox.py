@@ -226,27 +226,55 @@ def test_a_rollback_whose_files_cannot_be_switched_changes_nothing(sb: deltabox.
     assert sb.current == s  # the state tree is untouched too
 
 
+def _quiet_repl(sb: deltabox.Sandbox) -> deltabox.Proc:
+    """A Python REPL without prompts, sys and os imported."""
+    py = sb.spawn(["python3", "-u", "-q", "-i"], name="py", env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    py.send("import sys, os; sys.ps1 = ''; sys.ps2 = ''; print('ready')\n")
+    py.expect("ready\n")
+    return py
+
+
+def _evict_by_later_states(sb: deltabox.Sandbox, py: deltabox.Proc) -> None:
+    """Four states more: with max_templates=2 the earlier ones (not the
+    root) lose their templates and come back through the slow path."""
+    for i in range(4):
+        ask(py, f"y = {i}")
+        sb.checkpoint(f"later {i}")
+        sb.wait_background()
+
+
 def test_slow_path_rollback_reopens_files_of_the_target_state(base: Path, tmp_path: Path) -> None:
     # With few templates a state comes back through DeltaCR's slow path, which
     # reopens the files its process had open by path: in the target state's
     # files (they exist only there), so only once the files are switched.
     (base / "data.txt").write_text("abcdefgh")
     with deltabox.Sandbox(str(base), workdir=str(tmp_path / "w2"), max_templates=2) as sb:
-        py = sb.spawn(["python3", "-u", "-q", "-i"], name="py",
-                      env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
-        py.send("import sys, os; sys.ps1 = ''; sys.ps2 = ''; print('ready')\n")
-        py.expect("ready\n")
+        py = _quiet_repl(sb)
         sb.checkpoint("root")
         ask(py, "f = open('data.txt'); f.read(3)")
         a = sb.checkpoint("file open").id
         ask(py, "f.close(); os.unlink('data.txt')")
-        for i in range(4):
-            ask(py, f"y = {i}")
-            sb.checkpoint(f"later {i}")
-            sb.wait_background()
+        _evict_by_later_states(sb, py)
         r = sb.rollback(a)
         assert r.paths["py"] == "slow"
         assert ask(py, "print(f.read())") == "defgh"
+
+
+def test_slow_path_rollback_to_a_state_without_a_file_the_base_had_open(base: Path, tmp_path: Path) -> None:
+    # The slow path forks an older template, which may hold a file the
+    # target state no longer has: in the switched files that fd's file
+    # cannot be looked at (DeltaFS says ESTALE); it must simply be closed.
+    (base / "gone.txt").write_text("abcdefgh")
+    with deltabox.Sandbox(str(base), workdir=str(tmp_path / "w3"), max_templates=2) as sb:
+        py = _quiet_repl(sb)
+        ask(py, "g = open('gone.txt'); g.read(2)")
+        sb.checkpoint("root: file open")
+        ask(py, "g.close(); os.unlink('gone.txt'); x = 'b'")
+        b = sb.checkpoint("file gone").id
+        _evict_by_later_states(sb, py)
+        r = sb.rollback(b)
+        assert r.paths["py"] == "slow"
+        assert ask(py, "print(x, g.closed, os.path.exists('gone.txt'))") == "b True False"
 
 
 def test_files_held_open_in_append_mode_across_a_rollback(sb: deltabox.Sandbox) -> None:
