@@ -161,30 +161,57 @@ def resume(pid: int, regs: Regs | None, pending: list[int] = []) -> None:  # noq
     _sys.ptrace(_sys.PTRACE_CONT, pid, 0, 0)
 
 
-def _step(pid: int, syscall_addr: int) -> Regs:
-    """Single-step the syscall instruction; returns the registers after it."""
-    _sys.ptrace(_sys.PTRACE_SINGLESTEP, pid, 0, 0)
-    while True:
-        _, status = _sys.waitpid(pid)
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-            raise _gone(pid, status)
-        sig = os.WSTOPSIG(status)
-        if (status >> 16) == 0 and sig == signal.SIGTRAP:
-            regs = _sys.ptrace_getregs(pid)
-            if regs.rip != syscall_addr + 2:
-                raise InjectionFailed(
-                    f"pid {pid}: injected syscall trapped at {regs.rip:#x}, expected {syscall_addr + 2:#x}")
+# A syscall that a signal interrupted before it did anything returns one of
+# these to the kernel's exit path, which runs it again once the signal is
+# handled -- unless, as for ours, the tracer set orig_rax to -1: then it is
+# ours to run again (fork() above all: it gives up with ERESTARTNOINTR when a
+# signal arrives while it copies the page tables).
+_RESTART = {512, 513, 514, 516}  # ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK
+RESTARTS = 8
+
+
+def _arrived(pid: int, status: int, syscall_addr: int, pending: list[int] | None) -> Regs | None:
+    """One stop while single-stepping the injected syscall instruction: the
+    registers after it once it ran (its trap), else None -- step again.
+
+    A signal sent to the process meanwhile stops it before the instruction
+    runs (a signal-delivery stop): stepping on suppresses it, so it goes to
+    ``pending`` (when given) for the caller to send again before it lets the
+    process go; a SIGTRAP is one of them when the instruction has not run."""
+    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        raise _gone(pid, status)
+    sig = os.WSTOPSIG(status)
+    if (status >> 16) != 0:  # a group stop or an interrupt: nothing to keep
+        return None
+    if sig == signal.SIGTRAP:
+        regs = _sys.ptrace_getregs(pid)
+        if regs.rip == syscall_addr + 2:
             return regs
-        # Another signal or a job-control/interrupt stop arrived before the
-        # instruction ran (a synchronous SIGTRAP would have been reported first):
-        # step again. The signal is dropped; real programs rarely get one here.
+        if regs.rip != syscall_addr:
+            raise InjectionFailed(
+                f"pid {pid}: injected syscall trapped at {regs.rip:#x}, expected {syscall_addr + 2:#x}")
+    if pending is not None:
+        pending.append(sig)
+    return None
+
+
+def _step(pid: int, syscall_addr: int, pending: list[int] | None = None) -> Regs:
+    """Single-step the syscall instruction; returns the registers after it."""
+    while True:
         _sys.ptrace(_sys.PTRACE_SINGLESTEP, pid, 0, 0)
+        _, status = _sys.waitpid(pid)
+        regs = _arrived(pid, status, syscall_addr, pending)
+        if regs is not None:
+            return regs
 
 
-def syscall(pid: int, base: Regs, syscall_addr: int, nr: int, *args: int) -> int:
+def syscall(pid: int, base: Regs, syscall_addr: int, nr: int, *args: int,
+            pending: list[int] | None = None) -> int:
     """Run one syscall in the stopped tracee; returns its (signed) result.
 
     The tracee's registers are left changed: the caller restores them.
+    Signals that arrive meanwhile go to ``pending`` (see :func:`_arrived`);
+    without it they are dropped (a template's: it never runs them).
     """
     regs = base.copy()
     regs.rax = nr
@@ -192,8 +219,12 @@ def syscall(pid: int, base: Regs, syscall_addr: int, nr: int, *args: int) -> int
     regs.rip = syscall_addr
     for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
         setattr(regs, name, _sys.unsigned(value))
-    _sys.ptrace_setregs(pid, regs)
-    return signed(_step(pid, syscall_addr).rax)
+    for _ in range(RESTARTS):
+        _sys.ptrace_setregs(pid, regs)
+        res = signed(_step(pid, syscall_addr, pending).rax)
+        if -res not in _RESTART:
+            return res
+    raise InjectionFailed(f"pid {pid}: injected syscall {nr} was interrupted by signals {RESTARTS} times in a row")
 
 
 def checked_syscall(pid: int, base: Regs, syscall_addr: int, nr: int, *args: int, what: str = "") -> int:
@@ -204,7 +235,8 @@ def checked_syscall(pid: int, base: Regs, syscall_addr: int, nr: int, *args: int
     return res
 
 
-def fork(pid: int, base: Regs, syscall_addr: int, during: Callable[[], None] | None = None) -> int:
+def fork(pid: int, base: Regs, syscall_addr: int, during: Callable[[], None] | None = None,
+         pending: list[int] | None = None) -> int:
     """Inject a fork: ``clone(CLONE_PTRACE | SIGCHLD)``.
 
     Returns the child's pid; the child is traced and left in its initial
@@ -216,6 +248,7 @@ def fork(pid: int, base: Regs, syscall_addr: int, during: Callable[[], None] | N
     ``during`` (which must not raise) runs on the calling thread while the
     tracee copies its page tables -- the longest step of a checkpoint, so
     reads of /proc that need the tracee stopped cost nothing there.
+    Signals that arrive meanwhile go to ``pending`` (see :func:`_arrived`).
     """
     regs = base.copy()
     regs.rax = _sys.SYS_clone
@@ -223,29 +256,31 @@ def fork(pid: int, base: Regs, syscall_addr: int, during: Callable[[], None] | N
     regs.rsi = regs.rdx = regs.r10 = regs.r8 = 0  # same stack, no tid pointers, no TLS
     regs.orig_rax = _sys.unsigned(-1)
     regs.rip = syscall_addr
-    _sys.ptrace_setregs(pid, regs)
-    _sys.ptrace(_sys.PTRACE_SINGLESTEP, pid, 0, 0)
-    if during is not None:
-        during()
     child = 0
-    while True:
-        _, status = _sys.waitpid(pid)
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-            raise _gone(pid, status)
-        sig = os.WSTOPSIG(status)
-        event = status >> 16
-        if event == _sys.PTRACE_EVENT_FORK:  # PTRACE_O_TRACEFORK set on it by someone
-            child = _sys.ptrace_geteventmsg(pid)
-            _sys.ptrace(_sys.PTRACE_SINGLESTEP, pid, 0, 0)
-            continue
-        if event == 0 and sig == signal.SIGTRAP:
-            res = signed(_sys.ptrace_getregs(pid).rax)
-            if res < 0:
-                raise InjectionFailed(f"pid {pid}: injected fork() failed: {os.strerror(-res)}")
-            if child == 0:
-                child = res
-            break
+    for attempt in range(RESTARTS):
+        _sys.ptrace_setregs(pid, regs)
         _sys.ptrace(_sys.PTRACE_SINGLESTEP, pid, 0, 0)
+        if during is not None and attempt == 0:
+            during()
+        while True:
+            _, status = _sys.waitpid(pid)
+            if os.WIFSTOPPED(status) and (status >> 16) == _sys.PTRACE_EVENT_FORK:
+                child = _sys.ptrace_geteventmsg(pid)  # PTRACE_O_TRACEFORK set on it by someone
+                _sys.ptrace(_sys.PTRACE_SINGLESTEP, pid, 0, 0)
+                continue
+            after = _arrived(pid, status, syscall_addr, pending)
+            if after is not None:
+                break
+            _sys.ptrace(_sys.PTRACE_SINGLESTEP, pid, 0, 0)
+        res = signed(after.rax)
+        if -res in _RESTART and not child:
+            continue  # a signal came while it copied: fork again (the signal is in pending)
+        if res < 0:
+            raise InjectionFailed(f"pid {pid}: injected fork() failed: {os.strerror(-res)}")
+        child = child or res
+        break
+    else:
+        raise InjectionFailed(f"pid {pid}: the injected fork() was interrupted by signals {RESTARTS} times in a row")
     while True:
         _, status = _sys.waitpid(child)
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):

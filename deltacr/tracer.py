@@ -456,9 +456,12 @@ class ProcessCheckpointer:
     # ------------------------------------------------------------------ tracer side
     def _run_in(self, pid: int, base: _sys.Regs, addr: int = 0) -> Callable[..., int]:
         addr = addr or self._syscall_addr
+        # Signals that reach the live process while we inject go out again
+        # when it resumes (see inject._arrived); a template's are dropped.
+        pending = self._pending if pid == self.live_pid else None
 
         def run(nr: int, *args: int) -> int:
-            return inject.syscall(pid, base, addr, nr, *args)
+            return inject.syscall(pid, base, addr, nr, *args, pending=pending)
         return run
 
     def _attach(self) -> None:
@@ -771,6 +774,7 @@ class ProcessCheckpointer:
         if self.state != "stopped" or self.live_pid is None or self._regs is None:
             raise DeltaCRError(f"pid {self.pid}: capture() needs a stopped process: call stop() first")
         live, regs = self.live_pid, self._regs
+        stopped = signal.SIGSTOP in self._pending  # how interrupt() notes a job-control stop
         dirty = self.tracker.collect(live, self._run_in(live, regs), lambda: read_maps(live))
         got: dict[str, Any] = {}
 
@@ -789,7 +793,7 @@ class ProcessCheckpointer:
                 got["error"] = e
         tf = time.perf_counter()
         try:
-            tpl = inject.fork(live, regs, self._syscall_addr, during)
+            tpl = inject.fork(live, regs, self._syscall_addr, during, self._pending)
         except BaseException:
             self.tracker.give_back(dirty)
             raise
@@ -804,7 +808,6 @@ class ProcessCheckpointer:
             raise got["error"]
         fds: list[FdPos] = got["fds"]
         waits = bool(got["kids"])
-        stopped = signal.SIGSTOP in self._pending  # how interrupt() notes a job-control stop
         with self._lock:
             cid = self.session.new_id()
         parent, created, depth = self.current, time.time(), self._live_depth + 1
@@ -1044,7 +1047,10 @@ class ProcessCheckpointer:
             raise
         with self._lock:
             self._regs = regs
-            self._pending = [signal.SIGSTOP] if ck.stopped else []  # stopped as when captured (see _resume)
+            # the same process goes on: signals sent to it are still its
+            # own, but stopped or not as when captured (see _resume)
+            self._pending = ([signal.SIGSTOP] if ck.stopped else []) + [
+                sig for sig in self._pending if sig != signal.SIGSTOP]
             self.current = cid
             self.pool.touch(cid)
         if resume:

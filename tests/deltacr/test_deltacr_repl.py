@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 import time
 
 import pytest
@@ -509,3 +511,44 @@ def test_a_checkpoint_refused_for_threads_loses_no_written_page(lab: Lab, store:
     res = cp.rollback(after)
     assert res.path == "slow" and res.base == root
     assert r.eval("a.count(b'w')") == (4 << 20) // 4096
+
+
+def test_signals_sent_during_checkpoints_all_arrive_and_fail_none(lab: Lab, store: str) -> None:
+    # A signal that reaches the process while a checkpoint runs in it (a
+    # shell's SIGCHLD, a ^C) must not be lost, and one that arrives while the
+    # injected fork copies the page tables (fork() then gives up with
+    # ERESTARTNOINTR) must not fail the checkpoint. Real-time signals queue,
+    # and Python's wakeup fd gets one byte per delivery: an exact count.
+    r = lab.repl("import os, select, signal; rd, wr = os.pipe(); os.set_blocking(wr, False); os.set_blocking(rd, False); "
+                 "big = bytearray(32 << 20); big[::4096] = b'x' * (len(big) // 4096); "
+                 "signal.signal(signal.SIGRTMIN, lambda *a: None); signal.set_wakeup_fd(wr)")
+    cp = lab.checkpointer(r.pid, store, rehydrate=False)
+    sent = 0
+    for _ in range(15):  # one just before each checkpoint: it arrives during the stop
+        os.kill(r.pid, signal.SIGRTMIN)
+        sent += 1
+        cp.checkpoint()
+        time.sleep(0.005)
+    stop = threading.Event()
+    pumped = [0]
+
+    def pump() -> None:  # and a storm, while checkpoints run back to back
+        while not stop.is_set():
+            os.kill(r.pid, signal.SIGRTMIN)
+            pumped[0] += 1
+            time.sleep(0.0003)
+    t = threading.Thread(target=pump)
+    t.start()
+    try:
+        for _ in range(25):
+            cp.checkpoint()
+    finally:
+        stop.set()
+        t.join()
+    deadline = time.monotonic() + 5
+    got = 0
+    while got < sent + pumped[0] and time.monotonic() < deadline:
+        got += r.eval("(lambda b: b.count(bytes([int(signal.SIGRTMIN)])))(os.read(rd, 1 << 20) "
+                      "if select.select([rd], [], [], 0)[0] else b'')")
+        time.sleep(0.05)
+    assert got == sent + pumped[0], f"{sent + pumped[0]} signals sent, {got} delivered"
