@@ -67,6 +67,18 @@ def resumable_regs(regs: Regs) -> Regs:
     return r
 
 
+def continue_regs(regs: Regs, pending: list[int]) -> Regs:
+    """Registers to let a stopped process go on with. With signals to send
+    it again (``pending``, other than the job-control stop), the registers
+    as the stop found them: a syscall that the stop interrupted (a read()
+    waiting for input) then ends with EINTR or restarts as the signal's
+    handler asks (SA_RESTART), as if it had never been stopped -- the kernel
+    decides that when it delivers the signal. Without, it restarts."""
+    if any(sig != signal.SIGSTOP for sig in pending):
+        return regs
+    return resumable_regs(regs)
+
+
 def _gone(pid: int, status: int) -> ProcessGone:
     if os.WIFSIGNALED(status):
         how = f"was killed by signal {os.WTERMSIG(status)}"
@@ -147,7 +159,7 @@ def _resend(pid: int, pending: list[int]) -> None:
     for sig in pending:
         try:
             os.kill(pid, sig)
-        except ProcessLookupError:
+        except OSError:  # gone, or its real-time signal queue is full: that one is lost
             pass
 
 
@@ -162,10 +174,11 @@ def resume(pid: int, regs: Regs | None, pending: list[int] = []) -> None:  # noq
 
 
 # A syscall that a signal interrupted before it did anything returns one of
-# these to the kernel's exit path, which runs it again once the signal is
-# handled -- unless, as for ours, the tracer set orig_rax to -1: then it is
-# ours to run again (fork() above all: it gives up with ERESTARTNOINTR when a
-# signal arrives while it copies the page tables).
+# these; the kernel's exit path would rewind and run it again once the signal
+# is handled, but our next PTRACE_SETREGS (orig_rax -1) tells it to leave the
+# registers alone, so it is ours to run again. fork() above all: it gives up
+# with ERESTARTNOINTR when a signal is pending as it starts, one that came
+# between leaving the ptrace stop and the syscall instruction.
 _RESTART = {512, 513, 514, 516}  # ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK
 RESTARTS = 8
 
@@ -174,10 +187,11 @@ def _arrived(pid: int, status: int, syscall_addr: int, pending: list[int] | None
     """One stop while single-stepping the injected syscall instruction: the
     registers after it once it ran (its trap), else None -- step again.
 
-    A signal sent to the process meanwhile stops it before the instruction
-    runs (a signal-delivery stop): stepping on suppresses it, so it goes to
-    ``pending`` (when given) for the caller to send again before it lets the
-    process go; a SIGTRAP is one of them when the instruction has not run."""
+    A signal sent to the process meanwhile stops it (a signal-delivery
+    stop): stepping on suppresses it, so it goes to ``pending`` (when given)
+    for the caller to send again before it lets the process go. A SIGTRAP
+    before the instruction ran is someone else's: dropped, as service()
+    drops every SIGTRAP."""
     if os.WIFEXITED(status) or os.WIFSIGNALED(status):
         raise _gone(pid, status)
     sig = os.WSTOPSIG(status)
@@ -190,6 +204,7 @@ def _arrived(pid: int, status: int, syscall_addr: int, pending: list[int] | None
         if regs.rip != syscall_addr:
             raise InjectionFailed(
                 f"pid {pid}: injected syscall trapped at {regs.rip:#x}, expected {syscall_addr + 2:#x}")
+        return None
     if pending is not None:
         pending.append(sig)
     return None

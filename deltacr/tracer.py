@@ -492,7 +492,7 @@ class ProcessCheckpointer:
                 self.tracker.teardown(None, None)
                 self.backend = "compare"
                 self.tracker = make_tracker("compare")
-            inject.resume(pid, inject.resumable_regs(regs), self._pending)
+            inject.resume(pid, inject.continue_regs(regs, self._pending), self._pending)
             self._pending = []
             self.state = "running"
         except BaseException:
@@ -880,7 +880,7 @@ class ProcessCheckpointer:
             except (DeltaCRError, OSError) as e:  # never keep the process stopped over a zombie
                 self.warnings.append(f"reaping dead templates in pid {self.live_pid}: {e}")
         try:
-            inject.resume(self.live_pid, inject.resumable_regs(self._regs), self._pending)
+            inject.resume(self.live_pid, inject.continue_regs(self._regs, self._pending), self._pending)
         except ProcessLookupError:
             # SIGKILLed while stopped (it ends a ptrace-stopped tracee without
             # running it): "running" lets the service loop reap it like any exit
@@ -1047,10 +1047,9 @@ class ProcessCheckpointer:
             raise
         with self._lock:
             self._regs = regs
-            # the same process goes on: signals sent to it are still its
-            # own, but stopped or not as when captured (see _resume)
-            self._pending = ([signal.SIGSTOP] if ck.stopped else []) + [
-                sig for sig in self._pending if sig != signal.SIGSTOP]
+            # as on the fork paths: the signals sent to the state that is
+            # gone go with it; stopped or not as when captured (see _resume)
+            self._pending = [signal.SIGSTOP] if ck.stopped else []
             self.current = cid
             self.pool.touch(cid)
         if resume:

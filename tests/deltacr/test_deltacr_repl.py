@@ -552,3 +552,28 @@ def test_signals_sent_during_checkpoints_all_arrive_and_fail_none(lab: Lab, stor
                       "if select.select([rd], [], [], 0)[0] else b'')")
         time.sleep(0.05)
     assert got == sent + pumped[0], f"{sent + pumped[0]} signals sent, {got} delivered"
+
+
+def test_a_signal_that_came_during_a_checkpoint_interrupts_a_blocked_read(lab: Lab, store: str) -> None:
+    # ^C while the REPL waits for input, in the middle of a checkpoint: it
+    # must interrupt the read() at once, as without us, not when the next
+    # line comes (and then eat that line). SIGUSR1 stands in for SIGINT.
+    r = lab.repl("import signal; signal.signal(signal.SIGUSR1, signal.default_int_handler)")
+    cp = lab.checkpointer(r.pid, store, rehydrate=False)
+    cp.checkpoint()
+    cp.stop()  # stopped in its read(); the signal waits until we let it run
+    os.kill(r.pid, signal.SIGUSR1)
+    cp.capture("signal pending")  # the injected fork meets the signal first
+    cp.resume()
+    deadline = time.monotonic() + 5
+    while "KeyboardInterrupt" not in r.stderr_text():
+        assert time.monotonic() < deadline, "the read() went on waiting: the signal's EINTR was lost"
+        time.sleep(0.01)
+    assert r.eval("1 + 1") == 2, "the next input is read as usual"
+    # a handler that asks for restarts (SA_RESTART) gets one, and nothing breaks
+    r.run("signal.signal(signal.SIGUSR2, lambda *a: None); signal.siginterrupt(signal.SIGUSR2, False)")
+    cp.stop()
+    os.kill(r.pid, signal.SIGUSR2)
+    cp.capture("restarting")
+    cp.resume()
+    assert r.eval("2 + 2") == 4
