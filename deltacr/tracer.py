@@ -1268,7 +1268,7 @@ class ProcessCheckpointer:
                     if self._dead_templates:  # leave no zombie behind in the process we let go
                         self._reap_dead_templates(live, self._regs)
                     self.tracker.teardown(live, self._run_in(live, self._regs))
-                    _sys.ptrace_setregs(live, inject.resumable_regs(self._regs))
+                    _sys.ptrace_setregs(live, inject.continue_regs(self._regs, self._pending))
                     inject.detach(live, self._pending)
             except (DeltaCRError, OSError):
                 pass
