@@ -541,6 +541,10 @@ def test_a_process_stopped_when_checkpointed_comes_back_stopped(sb: deltabox.San
     os.kill(py.pid, signal.SIGSTOP)  # kill -STOP by the user, or ^Z
     _until_state(py.pid, "Tt")
     stopped = sb.checkpoint("py stopped").id
+    # resumed with its stop sent again, it re-enters the stop at once (state
+    # R for that instant): stopped again, and staying so
+    _until_state(py.pid, "Tt")
+    time.sleep(0.1)
     assert _state(py.pid) in "Tt", "the checkpoint let it run"
     os.kill(py.pid, signal.SIGCONT)
     ask(py, "x = 2")
