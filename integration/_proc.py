@@ -94,12 +94,12 @@ def cwd_under(pid: int, root: str) -> bool:
     return cwd == root or cwd.startswith(root.rstrip("/") + "/")
 
 
-def comm(pid: int) -> str:
+def send_signal(pid: int, sig: int) -> None:
+    """kill(), for a process that may be gone already."""
     try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except (FileNotFoundError, ProcessLookupError):
-        return "?"
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def untraced_descendants(roots: list[int], sessions: set[int], exclude: set[int] = frozenset(),  # type: ignore[assignment]

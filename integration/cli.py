@@ -123,10 +123,7 @@ def _stop_dead(name: str) -> None:
             st = _proc.stat(int(ident[0]))  # type: ignore[index]
             if st is not None and st.session in made:
                 held.add(st.session)
-            try:
-                os.kill(int(ident[0]), signal.SIGKILL)  # type: ignore[index]
-            except ProcessLookupError:
-                pass
+            _proc.send_signal(int(ident[0]), signal.SIGKILL)  # type: ignore[index]
     # the mount point is where this name's sandbox mounts, whatever the record says
     root = os.path.join(workdir, "root")
     if rec.get("boot") == now:
@@ -163,10 +160,7 @@ def _end_sessions(held: set[int], unheld: set[int], root: str) -> None:
         if not left:
             return
         for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _proc.send_signal(pid, signal.SIGKILL)
         time.sleep(0.01)
 
 

@@ -198,13 +198,6 @@ class Proc:
         _read_all(self._stdin_reader)
 
 
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
 def _read_all(fd: int) -> None:
     """Read a non-blocking descriptor until it is empty (or closed)."""
     while True:
@@ -525,7 +518,7 @@ class Sandbox:
             if not new:
                 break
             for d in new:
-                _signal(d.pid, signal.SIGSTOP)
+                _proc.send_signal(d.pid, signal.SIGSTOP)
                 held[d.pid] = d
             deadline = time.monotonic() + 2.0
             for d in new:
@@ -538,7 +531,7 @@ class Sandbox:
 
     def _kill(self, procs: list[_proc.Stat]) -> None:
         for d in procs:
-            _signal(d.pid, signal.SIGKILL)
+            _proc.send_signal(d.pid, signal.SIGKILL)
         self._killed += procs
         self._reap_killed()
 
@@ -605,7 +598,7 @@ class Sandbox:
             for p in back + leaving:
                 pid = p._cr.live_pid
                 if pid and _proc.thread_count(pid) > 1:
-                    _signal(pid, signal.SIGKILL)
+                    _proc.send_signal(pid, signal.SIGKILL)
                     ended.append(p.name)
             # What the processes started (a command running in bash, a
             # background job) is not in any state: stopped now, killed once
@@ -617,7 +610,7 @@ class Sandbox:
             for _p, _s, f in pending:
                 f.exception()
             for d in held:
-                _signal(d.pid, signal.SIGCONT)
+                _proc.send_signal(d.pid, signal.SIGCONT)
             for p in leaving:
                 try:
                     p._cr.resume()
@@ -663,10 +656,7 @@ class Sandbox:
         pid = p._cr.live_pid
         if not (p.alive and pid):
             return
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _proc.send_signal(pid, signal.SIGKILL)
         if stopped:
             try:
                 p._cr.resume()  # lets the tracer see the death
