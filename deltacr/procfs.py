@@ -206,17 +206,18 @@ def read_fd_positions(pid: int) -> list[FdPos]:
             if not regular:
                 out.append(FdPos(fd, 0, 0, path, False))
                 continue
-            with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
-                info = f.read(256)
+            pos, flags = _fdinfo(pid, name)
         except (FileNotFoundError, ProcessLookupError):
             continue
-        # "pos:\t<n>\nflags:\t0<octal>\n..."
-        lines = info.split(b"\n", 2)
-        pos = int(lines[0].split()[1])
-        flags = int(lines[1].split()[1], 8)
         out.append(FdPos(fd, pos, flags, path, True))
     out.sort(key=lambda p: p.fd)
     return out
+
+
+def _fdinfo(pid: int, fd: str) -> tuple[int, int]:
+    """(offset, open flags) of an fd, from "pos:\t<n>\nflags:\t0<octal>\n..."."""
+    lines = read_small(f"/proc/{pid}/fdinfo/{fd}").split(b"\n", 2)
+    return int(lines[0].split()[1]), int(lines[1].split()[1], 8)
 
 
 def _is_regular(fd_link: str) -> bool:
@@ -242,10 +243,9 @@ def fd_offsets(pid: int) -> dict[int, int]:
         raise NoSuchProcess(f"pid {pid} does not exist") from None
     for name in names:
         try:
-            info = read_small(f"/proc/{pid}/fdinfo/{name}")
+            out[int(name)] = _fdinfo(pid, name)[0]
         except OSError:
             continue  # closed meanwhile
-        out[int(name)] = int(info.split(b"\n", 1)[0].split()[1])  # "pos:\t<n>"
     return out
 
 
