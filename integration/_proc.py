@@ -116,7 +116,7 @@ def untraced_descendants(roots: list[int], sessions: set[int], exclude: set[int]
     own children, and one /proc read fewer each keeps this off a rollback's
     critical path. A cached pid that died and was reused within one call to
     the next would be missed (left running), never wrongly killed."""
-    mine = {int(t) for t in os.listdir("/proc/self/task")}
+    mine = _our_threads()
     known = set() if known is None else known
     out: list[Stat] = []
     seen: set[int] = set(roots)
@@ -131,12 +131,43 @@ def untraced_descendants(roots: list[int], sessions: set[int], exclude: set[int]
             st = stat(c)
             if st is None or st.session not in sessions or st.state == "Z":
                 continue
-            # by one of our threads (TracerPid is the tracer thread's id); not
-            # the state: a template just forked runs until its first stop
-            if tracer(c) in mine:
-                known.add(c)  # DeltaCR's: a template, a spare, a process being restored
+            if _traced_by_us(c, mine, known):
                 continue
             out.append(st)
             todo.append(c)
     known &= seen
     return out
+
+
+def untraced_members(members: set[int], exclude: set[int] = frozenset(),  # type: ignore[assignment]
+                     known: set[int] | None = None) -> list[Stat]:
+    """``untraced_descendants`` for a sandbox whose processes are in a
+    cgroup of their own (``_cgroup``): its ``members`` but those in
+    ``exclude``, the zombies and the ones this process traces. ``known``
+    as there; the kernel lists no dead pid in a cgroup, so a cached pid
+    not listed any more is dropped before it could be reused."""
+    mine = _our_threads()
+    known = set() if known is None else known
+    known &= members
+    out: list[Stat] = []
+    for pid in sorted(members - exclude - known):
+        st = stat(pid)
+        if st is None or st.state == "Z" or _traced_by_us(pid, mine, known):
+            continue
+        out.append(st)
+    return out
+
+
+def _our_threads() -> set[int]:
+    return {int(t) for t in os.listdir("/proc/self/task")}
+
+
+def _traced_by_us(pid: int, mine: set[int], known: set[int]) -> bool:
+    """By one of our threads (TracerPid is the tracer thread's id); not the
+    state: a template just forked runs until its first stop. Noted in
+    ``known``: DeltaCR's templates, spares and processes being restored stay
+    so for life."""
+    if tracer(pid) in mine:
+        known.add(pid)
+        return True
+    return False

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from . import _proc, errors
+from . import _cgroup, _proc, errors
 from .daemon import workdir_of
 from .sandbox import check_name
 from .errors import DeltaBoxError, NameInUse, NotAnswering, SandboxStopped
@@ -127,6 +127,9 @@ def _stop_dead(name: str) -> None:
     # the mount point is where this name's sandbox mounts, whatever the record says
     root = os.path.join(workdir, "root")
     if rec.get("boot") == now:
+        cg = rec.get("cgroup")
+        if _cgroup.is_ours(cg):
+            _cgroup.Group(cg).remove()  # everything started in the sandbox, setsid or not
         _end_sessions(held, made - held, root)
     import deltafs
 

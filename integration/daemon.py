@@ -69,6 +69,8 @@ class Host:
             "procs": {n: _proc.identity(p.pid) for n, p in self.sb.procs.items()},
             # each process's own session, made at spawn: what it starts is in it
             "sessions": sorted({p.sid for p in self.sb.procs.values()}),
+            # every process they started, also one that left its session
+            "cgroup": self.sb.cgroup,
         })
 
     def _pump(self, p: Proc, log_path: str) -> None:

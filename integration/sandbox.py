@@ -38,6 +38,7 @@ without that process, never a mix of two states.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -57,6 +58,8 @@ from typing import IO
 import deltacr
 import deltafs
 from deltafs.mounts import canonical, is_dead, top_mount
+
+from . import _cgroup
 
 from . import _proc
 from .errors import (BadName, DeltaBoxError, FilesUnavailable, NameInUse, NoAnswer, OutputClosed, OutsideSandbox,
@@ -135,6 +138,42 @@ def read_until(fd: int, buf: bytes, marker: bytes | str, timeout: float,
             buf += chunk
     i = buf.index(marker) + len(marker)
     return buf[:i], buf[i:]
+
+
+# Run by /bin/sh in the new process: join the sandbox's cgroup ($0), then
+# become the program (same pid). Born in the cgroup, so is all it starts.
+_JOIN = 'echo 0 > "$0" || exit 126; exec "$@"'
+
+
+def _check_program(argv: list[str], cwd: str, env: dict[str, str] | None) -> None:
+    """Raise what exec would (FileNotFoundError, PermissionError) for a
+    program that cannot start: behind the cgroup's /bin/sh the error would
+    otherwise be that shell's exit status."""
+    prog = argv[0] if argv else ""
+    if "/" in prog:
+        path: str | None = os.path.join(cwd, prog)
+    else:
+        path = shutil.which(prog, path=os.pathsep.join(os.get_exec_path(env))) if prog else None
+    if path is None or not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), prog)
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), prog)
+
+
+def _wait_exec(popen: subprocess.Popen[bytes], before: bytes, timeout: float = 10.0) -> None:
+    """Wait until the process runs the program (its command line is not the
+    wrapper's any more) or has ended: attached in between, DeltaCR would
+    set up on the shell's memory and see an exec. A zombie's command line
+    reads empty."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # not poll(): its status is for _reap to report
+        try:
+            with open(f"/proc/{popen.pid}/cmdline", "rb") as f:
+                if f.read() != before:
+                    return
+        except OSError:
+            return
+        time.sleep(0.0002)
 
 
 class Proc:
@@ -354,6 +393,15 @@ class Sandbox:
             if self._own_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
             raise DeltaBoxError(f"cannot mount the sandbox's files over {base}: {e}") from e
+        # None where cgroups cannot be made: what the processes start is then
+        # found by session, which setsid leaves
+        self._group = _cgroup.Group.create(f"{os.path.basename(self.workdir)}-{os.getpid()}")
+
+    @property
+    def cgroup(self) -> str | None:
+        """The cgroup that holds the sandbox's processes and all they start
+        (None: none could be made here; then they are found by session)."""
+        return self._group.path if self._group is not None else None
 
     # -- processes -------------------------------------------------------------
 
@@ -381,10 +429,17 @@ class Sandbox:
         reader = -1
         try:
             reader = os.open(f"/proc/self/fd/{r}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            run = list(argv)
+            if self._group is not None:
+                run = ["/bin/sh", "-c", _JOIN, self._group.procs, *argv]
             try:
-                popen = subprocess.Popen(argv, stdin=r, stdout=subprocess.PIPE,
+                if self._group is not None:
+                    _check_program(argv, where, env)
+                popen = subprocess.Popen(run, stdin=r, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, cwd=where,
                                          env=env, start_new_session=True)
+                if self._group is not None:
+                    _wait_exec(popen, b"\0".join(x.encode() for x in run) + b"\0")
             except OSError as e:
                 raise ProcessError(f"cannot start {cmd} in the sandbox: {e.strerror}"
                                    f"{f' ({e.filename})' if e.filename else ''}: check the command "
@@ -503,8 +558,12 @@ class Sandbox:
 
     def _descendants(self) -> list[_proc.Stat]:
         """Every process the sandbox's processes started (and theirs, also
-        orphans adopted by this process, a subreaper), not DeltaCR's."""
+        orphans adopted by this process, a subreaper, and those that left
+        the session: in the sandbox's cgroup where it has one), not
+        DeltaCR's."""
         live = {p._cr.live_pid for p in self.procs.values() if p.alive and p._cr.live_pid}
+        if self._group is not None:
+            return _proc.untraced_members(self._group.members(), live, self._deltacr_pids)
         return _proc.untraced_descendants([*live, os.getpid()], self._sessions(), live, self._deltacr_pids)
 
     def _hold_descendants(self) -> list[_proc.Stat]:
@@ -789,6 +848,8 @@ class Sandbox:
                     pass
             os.close(p._stdin_reader)
         self._reap_killed(wait=5.0)
+        if self._group is not None and not self._group.remove():
+            errors.append(f"processes of the sandbox outlived SIGKILL (in {self._group.path})")
         try:
             self.fs.unmount(lazy=True)  # everything it started is ended: nothing to wait for
         except deltafs.DeltaFSError as e:

@@ -99,9 +99,11 @@ def test_kill_9_of_the_daemon_then_clean_stop(tmp_path: Path, name: str) -> None
     base = tmp_path / "repo"
     base.mkdir()
     # what the process starts stays behind when the daemon dies: a background
-    # job and an orphan (its parent subshell gone) -- stop ends them too
+    # job, an orphan (its parent subshell gone) and a daemon of its own
+    # session (setsid) -- stop ends them too
     token = f"10{os.getpid() % 1000:03d}.25"
-    script = f"sleep {token} & (sleep {token} &); cd sub && exec python3 -u -i -q"
+    script = (f"sleep {token} & (sleep {token} &); setsid sleep {token} & "
+              "cd sub && exec python3 -u -i -q")
     (base / "sub").mkdir()
     try:
         r = cli("run", "--base", str(base), "--name", name, "--", "bash", "-c", script)
@@ -109,8 +111,10 @@ def test_kill_9_of_the_daemon_then_clean_stop(tmp_path: Path, name: str) -> None
         assert cli("checkpoint", name).returncode == 0
         rec = json.loads(Path(f"/var/lib/deltabox/{name}/sandbox.json").read_text())
         procs = [int(p[0]) for p in rec["procs"].values() if p]
-        started = _with_token(token)
-        assert len(started) == 2, started
+        deadline = time.monotonic() + 5
+        while len(started := _with_token(token)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(started) == 3, started
         os.kill(rec["daemon"][0], signal.SIGKILL)
         time.sleep(0.3)
         r = cli("stop", name)

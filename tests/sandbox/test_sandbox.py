@@ -415,6 +415,8 @@ def test_a_rollback_ends_what_the_processes_started(sb: deltabox.Sandbox) -> Non
     s1 = sb.checkpoint().id
     ask(sh, "{ (sleep 1.5; echo late > bg.txt) & }")  # a background job
     ask(sh, "( (sleep 1.5; echo orphan > orphan.txt) & )")  # its parent exits: adopted by us
+    # a daemon: its own session, its parent gone (found by the sandbox's cgroup)
+    ask(sh, "( setsid sh -c 'sleep 1.5; echo daemon > daemon.txt' < /dev/null > /dev/null 2>&1 & )")
     sh.send("sleep 1.5; echo fg > fg.txt\n")  # a foreground command, running during the rollback
     time.sleep(0.3)
     sb.rollback(s1)
@@ -425,7 +427,7 @@ def test_a_rollback_ends_what_the_processes_started(sb: deltabox.Sandbox) -> Non
         time.sleep(0.01)
     assert left == []
     time.sleep(1.6)
-    for f in ("bg.txt", "orphan.txt", "fg.txt"):
+    for f in ("bg.txt", "orphan.txt", "fg.txt", "daemon.txt"):
         assert not (Path(sb.root) / f).exists(), f"{f}: a process of the abandoned branch wrote it"
     assert ask(sh, "echo alive") == "alive"
     assert sb.checkpoint().id  # nothing left that bash waits for
@@ -454,22 +456,38 @@ def test_a_state_taken_while_bash_runs_a_command_restores_a_shell_that_goes_on(
         sb.close()
 
 
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _daemons() -> list[str]:
+    return [pid for pid in filter(str.isdigit, os.listdir("/proc")) if _cmdline(pid) == b"sleep\x00309\x00"]
+
+
 def test_close_ends_what_the_processes_started(base: Path, tmp_path: Path) -> None:
     sb = deltabox.Sandbox(str(base), workdir=str(tmp_path / "w3"))
     try:
-        sh = sb.spawn(["bash", "-c", "sleep 307 & (sleep 308 &) ; wait"], name="sh")
+        sh = sb.spawn(["bash", "-c", "sleep 307 & (sleep 308 &) ; (setsid sleep 309 &) ; wait"], name="sh")
         deadline = time.monotonic() + 10
         sleeping = lambda: sorted(m.split()[1] for m in _session_members(sb))  # noqa: E731
         while sleeping() != ["bash", "sleep", "sleep"] and time.monotonic() < deadline:
             time.sleep(0.02)
         sids = {p.sid for p in sb.procs.values()}
         assert sleeping() == ["bash", "sleep", "sleep"], _session_members(sb)
+        while not _daemons() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _daemons(), "the setsid'd sleep did not start"
     finally:
         sb.close()
     left = [pid for pid in filter(str.isdigit, os.listdir("/proc"))
             if os.path.exists(f"/proc/{pid}/stat")
             and int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3]) in sids]
     assert left == [], "close() left processes of the sandbox (or their zombies) behind"
+    assert _daemons() == [], "close() left a process that left its session (setsid) behind"
+    assert not os.path.exists(sb.cgroup or "/nonexistent"), "the sandbox's cgroup stays"
     del sh
 
 
