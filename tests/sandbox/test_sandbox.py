@@ -433,6 +433,42 @@ def test_a_rollback_ends_what_the_processes_started(sb: deltabox.Sandbox) -> Non
     assert sb.checkpoint().id  # nothing left that bash waits for
 
 
+def test_without_a_cgroup_a_rollback_and_close_end_what_the_processes_started(
+        base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A machine where no cgroup can be made (a container): found by session
+    monkeypatch.setattr(deltabox.sandbox._cgroup.Group, "create", classmethod(lambda cls, tag: None))
+    sb = deltabox.Sandbox(str(base), workdir=str(tmp_path / "w"))
+    try:
+        assert sb.cgroup is None
+        sh = sb.spawn(["bash"], name="sh")
+        ask(sh, f"cd {sb.root}")
+        s1 = sb.checkpoint().id
+        ask(sh, "{ (sleep 1.5; echo late > bg.txt) & }")
+        ask(sh, "( (sleep 1.5; echo orphan > orphan.txt) & )")
+        time.sleep(0.2)
+        sb.rollback(s1)
+        time.sleep(1.6)
+        for f in ("bg.txt", "orphan.txt"):
+            assert not (Path(sb.root) / f).exists(), f"{f}: a process of the abandoned branch wrote it"
+        ask(sh, "{ sleep 310 & }")
+        sids = {p.sid for p in sb.procs.values()}
+    finally:
+        sb.close()
+    assert [m for m in _members_of(sids)] == [], "close() left processes of the sandbox behind"
+
+
+def _members_of(sids: set[int]) -> list[str]:
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) in sids:
+            out.append(pid)
+    return out
+
+
 @pytest.mark.parametrize("backend", ["pfn", "uffd-wp"])
 def test_a_state_taken_while_bash_runs_a_command_restores_a_shell_that_goes_on(
         base: Path, tmp_path: Path, backend: str) -> None:
