@@ -731,6 +731,9 @@ class View:
         """Re-resolve content opened before a rollback."""
         if od.epoch == self.epoch:
             return
+        if od.orphan and od.ino in self.orphans:
+            od.epoch, od.owner = self.epoch, 0  # in no state (see rollback): the same content
+            return
         rec = self.getattr(od.ino)  # ESTALE if it does not exist in this state
         fd, owner, blob = self._source(rec)
         if od.fd >= 0:
@@ -919,7 +922,13 @@ class View:
         idx.layers[cid].children.add(new.id)
         idx.set_live(new.id)
         self.dirty.clear()
-        self.orphans.clear()
+        # An unlinked file still open belongs to no state: its holder keeps
+        # its content (as it keeps a pipe's), unless the target state has
+        # the inode under a name: then that version is what it reads.
+        if self.orphans:
+            with idx.begin() as txn:
+                for ino in [i for i in self.orphans if (r := idx.visible(txn, INO, u64(i))) and r[1]]:
+                    del self.orphans[ino]
         self.unsynced.clear()
         self.unsynced_bytes = 0
         self.clear_caches()
@@ -969,12 +978,12 @@ class View:
         if merged:
             idx.set_live(idx.live)
             self.clear_caches()  # merged versions now carry other layer ids
-            # an unlinked file may still be open without its content opened
-            # here yet (the kernel opens files itself): keep its blob for it;
-            # owned by no layer, the next mount's sweep deletes it
-            open_blobs = {rec.blob for rec in self.orphans.values()}
-            garbage = [b for b in garbage if b not in open_blobs]
-        return garbage
+        # an unlinked file may still be open without its content opened here
+        # yet (the kernel opens files itself), also one a rollback discarded
+        # the layer of: keep its blob for it; owned by no layer, the next
+        # mount's sweep deletes it
+        open_blobs = {rec.blob for rec in self.orphans.values()}
+        return [b for b in garbage if b not in open_blobs]
 
     def _shown_parent(self, lid: int) -> int | None:
         p = self.idx.layers[lid].parent

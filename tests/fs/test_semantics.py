@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import tempfile
 import stat
 import struct
 import subprocess
@@ -251,6 +252,39 @@ def test_unlinked_open_base_file_stays_readable_and_fstat_works(env: Env) -> Non
     finally:
         os.close(fd)
     assert (env.base / "src/pkg/data.bin").read_bytes() == want  # the base is never written
+
+
+def test_an_unlinked_open_file_stays_readable_and_writable_across_rollbacks(env: Env) -> None:
+    # a TemporaryFile: in no checkpoint, its holder keeps its content
+    f = tempfile.TemporaryFile(dir=env.mnt)
+    try:
+        f.write(b"x" * 100000)
+        f.flush()
+        c = env.m.checkpoint()
+        os.pwrite(f.fileno(), b"after", 0)
+        env.m.rollback(c)
+        assert os.pread(f.fileno(), 200000, 0) == b"after" + b"x" * 99995
+        assert os.fstat(f.fileno()).st_size == 100000 and os.fstat(f.fileno()).st_nlink == 0
+        os.pwrite(f.fileno(), b"again", 100000)
+        env.m.rollback(c)  # twice: the layer of the first one is gone by now
+        env.m.drop(c)
+        assert os.pread(f.fileno(), 200000, 0) == b"after" + b"x" * 99995 + b"again"
+    finally:
+        f.close()
+    # unlinked after the checkpoint: rolled back, it has its name again, and
+    # the descriptor reads that state's version
+    p = env.mnt / "named"
+    p.write_bytes(b"checkpointed")
+    c = env.m.checkpoint()
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.unlink(p)
+        os.pwrite(fd, b"CHANGED", 0)
+        env.m.rollback(c)
+        assert p.read_bytes() == b"checkpointed"
+        assert os.pread(fd, 100, 0) == b"checkpointed" and os.fstat(fd).st_nlink == 1
+    finally:
+        os.close(fd)
 
 
 def test_an_unlinked_open_file_never_reaches_the_index(env: Env) -> None:
