@@ -17,7 +17,7 @@ import stat
 from typing import Any
 
 from .index import ENT, XAT, Index
-from .records import F_BASE, NO_BLOB, Inode, u64
+from .records import F_BASE, NO_BLOB, Inode, clamp_time, u64
 from .view import ROOT, View
 
 
@@ -104,5 +104,6 @@ def _record(ino: int, st: os.stat_result, parent: int, path: bytes) -> Inode:
     is_dir = stat.S_ISDIR(st.st_mode)
     return Inode(
         ino, st.st_mode, st.st_uid, st.st_gid, 1, st.st_rdev if not (is_reg or is_dir) else 0,
-        st.st_size if is_reg else 0, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, NO_BLOB,
+        st.st_size if is_reg else 0, clamp_time(st.st_atime_ns), clamp_time(st.st_mtime_ns),
+        clamp_time(st.st_ctime_ns), NO_BLOB,
         F_BASE if is_reg and st.st_size else 0, parent if is_dir else 0, path if is_reg else b"")

@@ -62,17 +62,46 @@ class Blobs:
 
 
 def _copy(src: int, dst: int, size: int) -> None:
+    """Copy the data of the first ``size`` bytes, leaving the holes holes:
+    copy_file_range would write them out as zeros (a 1 GiB sparse file took
+    3 s and 1 GiB of disk for a 1-byte write)."""
+    for start, end in _data_ranges(src, size):
+        off = start
+        while off < end:
+            try:
+                n = os.copy_file_range(src, dst, end - off, off, off)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                n = _copy_rw(src, dst, off, end - off)
+            if n == 0:
+                break
+            off += n
+    os.ftruncate(dst, size)  # a hole at the end
+
+
+def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) of the parts of ``fd`` below ``size`` that hold data."""
+    out: list[tuple[int, int]] = []
     off = 0
-    while off < size:
-        try:
-            n = os.copy_file_range(src, dst, size - off, off, off)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+    try:
+        while off < size:
+            try:
+                start = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # only a hole from here on
+                    break
                 raise
-            n = _copy_rw(src, dst, off, size - off)
-        if n == 0:
-            break
-        off += n
+            if start >= size:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            out.append((start, end))
+            off = end
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        return [(0, size)]  # no SEEK_DATA here: all of it is data
+    return out
 
 
 def _copy_rw(src: int, dst: int, off: int, count: int) -> int:

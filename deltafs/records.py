@@ -28,6 +28,13 @@ L_FROZEN = 1  # a checkpoint: never written again
 L_DROPPED = 2  # dropped by the user: kept only while descendants need it
 
 
+def clamp_time(ns: int) -> int:
+    """Nanoseconds as an int64 holds them (1677-2262): later or earlier
+    times are clamped, as the kernel clamps them to what a filesystem
+    stores, rather than failing the write."""
+    return max(-(1 << 63), min(ns, (1 << 63) - 1))
+
+
 @dataclass(slots=True)
 class Inode:
     ino: int

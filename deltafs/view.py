@@ -37,7 +37,7 @@ from typing import Any
 from .blobs import Blobs
 from .errors import FSError, UnknownCheckpointError
 from .index import ENT, INO, XAT, Index
-from .records import F_BASE, F_OWNED, L_DROPPED, L_FROZEN, NO_BLOB, Inode, Layer, from_u64, u64
+from .records import F_BASE, F_OWNED, L_DROPPED, L_FROZEN, NO_BLOB, Inode, Layer, clamp_time, from_u64, u64
 
 ROOT = 1
 log = logging.getLogger("deltafs")
@@ -313,6 +313,8 @@ class View:
                 return p
             if name == b"..":
                 return self.must(txn, p.parent or ROOT)
+            if len(name) > 255:
+                raise FSError(errno.ENAMETOOLONG)
             ino = self.entry(txn, parent, name)
             return self.inode(txn, ino) if ino else None
 
@@ -446,6 +448,8 @@ class View:
             return rec
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        if len(name) > 255:
+            raise FSError(errno.ENAMETOOLONG)
         with self._write() as txn:
             rec = self.must(txn, ino).copy()
             if stat.S_ISDIR(rec.mode):
@@ -588,9 +592,9 @@ class View:
             if gid is not None:
                 rec.gid = gid
             if atime_ns is not None:
-                rec.atime_ns = atime_ns
+                rec.atime_ns = clamp_time(atime_ns)
             if mtime_ns is not None:
-                rec.mtime_ns = mtime_ns
+                rec.mtime_ns = clamp_time(mtime_ns)
             rec.ctime_ns = ctime_ns if ctime_ns is not None else time.time_ns()
             self._put_inode(txn, rec)
             return rec
@@ -625,6 +629,11 @@ class View:
             return bytes(r[1][1:])
 
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        if name.startswith(b"system.posix_acl_"):
+            # ACLs need the kernel to enforce them (FUSE_POSIX_ACL), which
+            # this filesystem does not ask for: stored, they would be shown
+            # and ignored. Refused, as by a filesystem mounted noacl.
+            raise FSError(errno.EOPNOTSUPP)
         with self._write() as txn:
             rec = self.must(txn, ino).copy()
             self.idx.put(txn, XAT, u64(ino) + name + b"\0", b"\1" + value)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import tempfile
 import stat
 import struct
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -446,3 +446,75 @@ def test_inode_numbers_stable_across_checkpoint_and_rollback(env: Env) -> None:
     assert (m / "f").stat().st_ino == ino and (m / "README").stat().st_ino == base_ino
     assert (m / "f").read_text() == "1"
 
+
+
+def test_copy_up_of_a_sparse_file_keeps_its_holes(env: Env) -> None:
+    # a 1-byte write into a checkpointed 1 GiB sparse file copies its data,
+    # not 1 GiB of zeros
+    p = env.mnt / "sparse"
+    with open(p, "wb") as f:
+        f.truncate(1 << 30)
+        f.seek((1 << 30) - 3)
+        f.write(b"end")
+    env.m.checkpoint()
+    with open(p, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"X")
+    used = sum(os.stat(e.path).st_blocks for e in os.scandir(env.store / "blobs")) * 512
+    assert used < 10 << 20, f"{used} bytes of blobs for a sparse file"
+    with open(p, "rb") as f:
+        assert os.fstat(f.fileno()).st_size == 1 << 30
+        f.seek((1 << 20) - 1)
+        assert f.read(2) == b"\0X"
+        f.seek((1 << 30) - 4)
+        assert f.read() == b"\0end"
+
+
+def test_names_longer_than_255_bytes_are_refused_everywhere(env: Env) -> None:
+    (env.mnt / "src").exists()
+    target = env.mnt / "t"
+    target.write_bytes(b"x")
+    for n in (256, 600):
+        long = env.mnt / ("n" * n)
+        for op in (lambda: os.link(target, long), lambda: os.stat(long), lambda: long.write_bytes(b""),
+                   lambda: os.mkdir(long), lambda: os.rename(target, long)):
+            with pytest.raises(OSError) as e:
+                op()
+            assert e.value.errno == errno.ENAMETOOLONG
+    assert sorted(os.listdir(env.mnt / "src")) == sorted(os.listdir(env.base / "src"))
+
+
+def test_times_beyond_2262_are_clamped_not_an_error(env: Env) -> None:
+    p = env.mnt / "future"
+    p.write_bytes(b"")
+    os.utime(p, ns=(1 << 64, 1 << 64))  # year 2554
+    assert os.stat(p).st_mtime_ns == (1 << 63) - 1
+    os.utime(p, ns=(0, -(1 << 64)))
+    assert os.stat(p).st_mtime_ns == -(1 << 63)
+
+
+def test_a_base_with_times_beyond_2262_mounts(tmp_path: Path) -> None:
+    base, mnt = tmp_path / "base", tmp_path / "mnt"
+    base.mkdir()
+    mnt.mkdir()
+    (base / "future").write_bytes(b"f")
+    os.utime(base / "future", ns=(1 << 63, 1 << 63))  # ext4 stores up to 2446
+    m = deltafs.mount(str(mnt), base=str(base), store=str(tmp_path / "store"))
+    try:
+        assert os.stat(mnt / "future").st_mtime_ns == (1 << 63) - 1
+        assert (mnt / "future").read_bytes() == b"f"
+    finally:
+        teardown(mnt, m)
+
+
+def test_posix_acls_are_refused_not_stored_and_ignored(env: Env) -> None:
+    p = env.mnt / "acl"
+    p.write_bytes(b"")
+    # user::rw- user:1001:--- group::r-- mask::r-- other::r--
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", t, perm, i) for t, perm, i in
+                                          [(1, 6, 0xFFFFFFFF), (2, 0, 1001), (4, 4, 0xFFFFFFFF),
+                                           (0x10, 4, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF)])
+    with pytest.raises(OSError) as e:
+        os.setxattr(p, "system.posix_acl_access", acl)
+    assert e.value.errno == errno.EOPNOTSUPP
+    assert "system.posix_acl_access" not in os.listxattr(p)
