@@ -49,7 +49,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -120,9 +120,11 @@ def check_name(name: str, what: str = "sandbox") -> str:
 
 
 def read_until(fd: int, buf: bytes, marker: bytes | str, timeout: float,
-               name: str = "process") -> tuple[bytes, bytes]:
+               name: str = "process", alive: Callable[[], bool] | None = None) -> tuple[bytes, bytes]:
     """Read ``fd`` until ``buf`` holds ``marker``: returns (everything up to
-    and including it, the rest)."""
+    and including it, the rest). ``alive``: is the writer still running?
+    Its output then never closes (frozen forks of it hold the pipe too), so
+    once it says no and the pipe is empty, that is the end of the output."""
     if isinstance(marker, str):
         marker = marker.encode()
     deadline = time.monotonic() + timeout
@@ -130,12 +132,15 @@ def read_until(fd: int, buf: bytes, marker: bytes | str, timeout: float,
         left = deadline - time.monotonic()
         if left <= 0:
             raise NoAnswer(f"{name}: no {marker!r} within {timeout} s; got {buf[-300:]!r}")
-        r, _, _ = select.select([fd], [], [], left)
+        ended = alive is not None and not alive()  # before the look: output it wrote is in the pipe
+        r, _, _ = select.select([fd], [], [], 0 if ended else left if alive is None else min(left, 0.05))
         if r:
             chunk = os.read(fd, 65536)
             if not chunk:
                 raise OutputClosed(f"{name}: output closed before {marker!r}; got {buf[-300:]!r}")
             buf += chunk
+        elif ended:
+            raise OutputClosed(f"{name}: the process ended before it printed {marker!r}; got {buf[-300:]!r}")
     i = buf.index(marker) + len(marker)
     return buf[:i], buf[i:]
 
@@ -219,7 +224,8 @@ class Proc:
 
     def expect(self, marker: bytes | str, timeout: float = 30.0) -> bytes:
         """Read the output up to and including ``marker``; returns it."""
-        out, self._buf = read_until(self.stdout.fileno(), self._buf, marker, timeout, self.name)
+        out, self._buf = read_until(self.stdout.fileno(), self._buf, marker, timeout, self.name,
+                                    lambda: self.alive)
         return out
 
     def _drain(self) -> None:

@@ -576,6 +576,14 @@ def test_expect_reports_silence_and_an_ended_process_as_sandbox_errors(sb: delta
     sh.send("exit\n")
     with pytest.raises(deltabox.OutputClosed):
         sh.expect("never-printed", timeout=5)
+    # once a state holds a frozen fork of it, the output pipe never closes:
+    # its end is known from the process, at once, not after the timeout
+    sb.checkpoint()
+    _py.send("print('last words'); import sys; sys.exit(3)\n")
+    t0 = time.monotonic()
+    with pytest.raises(deltabox.OutputClosed, match="ended before it printed.*last words"):
+        _py.expect("never-printed", timeout=20)
+    assert time.monotonic() - t0 < 5
 
 
 def _state(pid: int | None) -> str:
