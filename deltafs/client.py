@@ -226,6 +226,7 @@ class Mount:
             m = top_mount(self.mountpoint)
             gone = m is None or not m.source.endswith(self.store)
             if gone and not _alive(pid):
+                _reap_if_ours(pid)
                 return
             time.sleep(0.01)
         raise DaemonError(f"{self.mountpoint} did not unmount within {timeout} s")
@@ -266,6 +267,27 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _reap_if_ours(pid: int) -> None:
+    """The daemon detaches from whoever mounted, but in a child subreaper
+    (a DeltaBox sandbox is one) it comes back as that process's child: its
+    zombie is then ours to collect."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ValueError, IndexError):
+        return
+    if ppid != os.getpid():
+        return
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:  # a zombie whose other threads still exit is not reapable yet
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.002)
 
 
 def force_unmount(mountpoint: str) -> None:

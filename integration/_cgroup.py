@@ -81,6 +81,16 @@ class Group:
             return cls(path)
         return None
 
+    def held(self, pid: int) -> bool:
+        """Was ``pid`` in this cgroup? A zombie, not listed as a member any
+        more, still names it in /proc (with " (deleted)" once it is gone)."""
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                path = next((ln.strip()[3:] for ln in f if ln.startswith("0::")), "")
+        except OSError:
+            return False
+        return os.path.basename(path.removesuffix(" (deleted)")) == os.path.basename(self.path)
+
     def members(self) -> set[int]:
         try:
             with open(self.procs) as f:

@@ -181,6 +181,38 @@ def _wait_exec(popen: subprocess.Popen[bytes], before: bytes, timeout: float = 1
         time.sleep(0.0002)
 
 
+def _reap_ours(procs: list[_proc.Stat], group: _cgroup.Group | None, timeout: float = 1.0) -> None:
+    """Reap the processes of a closed sandbox that end as zombies of this
+    process: ``procs`` (killed; the same pid with another start time is
+    someone else's) and, with a cgroup, every zombie child that was in it.
+    One whose parent is still exiting comes to us a moment later."""
+    me = os.getpid()
+    left = {st.pid: st.starttime for st in procs}
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while time.monotonic() < deadline and quiet < 3:
+        reaped = False
+        for pid in _proc.children(me):
+            cur = _proc.stat(pid)
+            if cur is None or cur.state != "Z":
+                continue
+            if left.get(pid) == cur.starttime or (group is not None and group.held(pid)):
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                reaped = True
+        for pid, start in list(left.items()):
+            cur = _proc.stat(pid)
+            if cur is None or cur.starttime != start:
+                del left[pid]
+            elif (cur.ppid != me and cur.ppid not in left
+                  and (parent := _proc.stat(cur.ppid)) is not None and parent.state not in "ZX"):
+                del left[pid]  # a live parent outside: its to wait for
+        quiet = 0 if reaped or left else quiet + 1
+        time.sleep(0.005)
+
+
 class Proc:
     """A process started in the sandbox. Its pipes stay the caller's across
     rollbacks; ``pid`` follows the live process (a rollback gives a new one)."""
@@ -572,6 +604,16 @@ class Sandbox:
             return _proc.untraced_members(self._group.members(), live, self._deltacr_pids)
         return _proc.untraced_descendants([*live, os.getpid()], self._sessions(), live, self._deltacr_pids)
 
+    def _members(self) -> list[_proc.Stat]:
+        """Every process of the sandbox now: its processes, DeltaCR's frozen
+        ones and what they started (as far as sessions tell, without a
+        cgroup)."""
+        pids = {p._cr.live_pid for p in self.procs.values() if p.alive and p._cr.live_pid}
+        pids |= self._group.members() if self._group is not None else self._deltacr_pids
+        pids |= {d.pid for d in self._descendants()}
+        pids |= {c for pid in list(pids) for c in _proc.children(pid)}  # zombies: in no cgroup
+        return [st for st in map(_proc.stat, sorted(pids)) if st is not None]
+
     def _hold_descendants(self) -> list[_proc.Stat]:
         """SIGSTOP every descendant until none is left running (one may fork
         while we look), waiting for each to really stop: a stopped process
@@ -834,6 +876,11 @@ class Sandbox:
                 break
             self._kill(left)
             time.sleep(0.005)
+        # Every process of the sandbox (DeltaCR's are stopped, and fork no
+        # more), to reap those that end as our zombies: a template's or a
+        # restored process's parent dies with it, and its orphans come to
+        # us (a subreaper) once nobody else is left to wait for them.
+        everyone = self._members()
         for p in self.procs.values():
             try:
                 p._cr.close(kill_live=True)
@@ -856,6 +903,7 @@ class Sandbox:
         self._reap_killed(wait=5.0)
         if self._group is not None and not self._group.remove():
             errors.append(f"processes of the sandbox outlived SIGKILL (in {self._group.path})")
+        _reap_ours(everyone, self._group)
         try:
             self.fs.unmount(lazy=True)  # everything it started is ended: nothing to wait for
         except deltafs.DeltaFSError as e:

@@ -499,6 +499,35 @@ def _cmdline(pid: str) -> bytes:
         return b""
 
 
+def _zombie_children() -> list[str]:
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == os.getpid():
+            out.append(pid)
+    return out
+
+
+def test_closed_sandboxes_leave_no_zombies_in_their_caller(base: Path, tmp_path: Path) -> None:
+    # Templates, spares, restored processes and the files' daemon end as
+    # orphans of the caller (DeltaCR makes it a subreaper): close reaps them
+    before = set(_zombie_children())
+    for i in range(4):
+        with deltabox.Sandbox(str(base), workdir=str(tmp_path / f"w{i}")) as sb:
+            sh, py = start_shells(sb)
+            s1 = sb.checkpoint().id
+            for j in range(3):
+                ask(sh, f"echo {j} > f")
+                ask(py, f"x = {j}")
+                sb.checkpoint()
+                sb.rollback(s1)
+    time.sleep(0.3)
+    assert set(_zombie_children()) - before == set()
+
+
 def _daemons() -> list[str]:
     return [pid for pid in filter(str.isdigit, os.listdir("/proc")) if _cmdline(pid) == b"sleep\x00309\x00"]
 
