@@ -148,6 +148,19 @@ class PfnTracker(_NothingToPrepare):
 PAGEMAP_IDENTITY = ((1 << 55) - 1) | (1 << 61) | (1 << 62) | (1 << 63)
 
 
+_PRESENT, _FILE = 1 << 63, 1 << 61
+
+
+def _file_page_now(a: int, b: int) -> bool:
+    """B maps a page of the file (a page of a private file mapping that was
+    read, never written) where A had no private page: its content is the
+    file's, not the process's. The fast path shows the file as it is; a
+    delta holding the page would bring back the file as it was (a file
+    changed since showed stale). A private page dropped back to the file
+    (MADV_DONTNEED) still counts as changed."""
+    return bool(b & _FILE) and not (a & _PRESENT and not a & _FILE)
+
+
 def pfn_changed(pid_a: int, pid_b: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Sub-ranges whose pagemap identity differs between two processes.
 
@@ -178,7 +191,7 @@ def pfn_changed(pid_a: int, pid_b: int, ranges: list[tuple[int, int]]) -> list[t
                             if ra[j * 8:(j + sub) * 8] == rb[j * 8:(j + sub) * 8]:
                                 continue
                             for k in range(j, min(n, j + sub)):
-                                if (ea[k] ^ eb[k]) & PAGEMAP_IDENTITY:
+                                if (ea[k] ^ eb[k]) & PAGEMAP_IDENTITY and not _file_page_now(ea[k], eb[k]):
                                     a = pos + k * ps
                                     if out and out[-1][1] == a:
                                         out[-1] = (out[-1][0], a + ps)

@@ -128,3 +128,35 @@ def test_reattach_after_daemon_death_keeps_the_old_deltas(lab: Lab, cli_env: dic
     assert deltacr(cli_env, "checkpoint", pid).stdout == "3\n"
     assert open(os.path.join(st["store"], "deltas", "2.delta"), "rb").read() == old
     assert r.eval("x") == 1
+
+
+def test_pfn_slow_path_leaves_a_page_of_a_private_file_mapping_that_was_only_read_to_the_file(
+        lab: Lab, cli_env: dict[str, str], tmp_path: object) -> None:
+    # Such a page is the file's: the fast path shows the file as it is. The
+    # pfn tracker once put it in a delta (its frame appeared), and the slow
+    # path wrote that content back as private memory: stale once the file
+    # changed (found by an audit through the CLI).
+    path = os.path.join(str(tmp_path), "private.bin")
+    with open(path, "wb") as f:
+        f.write(b"A" * 16384)
+    r = lab.repl(f"import mmap; fp = open({path!r}, 'rb'); "
+                 "MP = mmap.mmap(fp.fileno(), 0, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)")
+    pid = str(r.pid)
+    lab.daemons.append(r.pid)
+    deltacr(cli_env, "attach", pid, "--max-templates", "2", "--backend", "pfn")
+    deltacr(cli_env, "checkpoint", pid)
+    r.run("MP[8192:8196] = b'PPPP'")  # a written page: private from now on
+    assert r.eval("bytes(MP[0:4])") == b"AAAA"  # only read: the file's page
+    deltacr(cli_env, "checkpoint", pid)
+    with open(path, "r+b") as f:
+        f.write(b"BBBB")
+    assert r.eval("bytes(MP[0:4])") == b"BBBB"
+    c3 = deltacr(cli_env, "checkpoint", pid).stdout.strip()
+    deltacr(cli_env, "checkpoint", pid)
+    deltacr(cli_env, "checkpoint", pid)  # two templates kept: c3's is gone
+    time.sleep(0.5)
+    deltacr(cli_env, "rollback", pid, c3)
+    rows = {row["id"]: row for row in json.loads(deltacr(cli_env, "list", pid, "--json").stdout)}
+    assert rows[int(c3)]["current"]
+    assert r.eval("bytes(MP[0:4])") == b"BBBB", "the slow path brought back the file as it was"
+    assert r.eval("bytes(MP[8192:8196])") == b"PPPP"

@@ -98,3 +98,4 @@ def test_slow_path_maps_the_file_itself_where_the_checkpoint_had_it_shared(
     assert r.eval("ctypes.string_at(A, N) == b'W' * N")
     r.run("ctypes.memset(A, 0x58, 1)")
     assert _content(path)[:2] == b"XW", "a write to the restored mapping must reach the file"
+
