@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import shutil
@@ -12,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from . import _cgroup, _proc, errors
@@ -36,33 +39,63 @@ deltabox demo [--branches N] [--depth N]"""
 ANSWER_S = 5.0
 
 
+def _not_running(name: str) -> SandboxStopped:
+    if os.path.exists(os.path.join(workdir_of(name), "sandbox.json")):
+        # its record stays when the daemon was killed: so may its processes and mount
+        return SandboxStopped(f"the daemon of sandbox {name!r} is gone (killed or crashed); what it "
+                              f"left (processes, the mount) may still run: 'deltabox stop {name}' ends "
+                              f"it, then 'deltabox run --base DIR --name {name} -- CMD' starts afresh")
+    return SandboxStopped(f"no running sandbox named {name!r}: start one with "
+                          f"'deltabox run --base DIR --name {name} -- CMD'")
+
+
+def _daemon_stopped(name: str) -> str | None:
+    """Why the daemon cannot answer, if it is stopped (SIGSTOP) or gone;
+    None while it runs (a long operation, a slow-path rollback)."""
+    try:
+        with open(os.path.join(workdir_of(name), "sandbox.json")) as f:
+            rec = json.load(f)
+        ident = rec.get("daemon") if isinstance(rec, dict) else None
+        if not _proc.is_same(ident, rec.get("boot", ""), _proc.boot_id()):
+            return "is gone"
+        st = _proc.stat(int(ident[0]))
+    except (OSError, ValueError, TypeError):
+        return None
+    return "is stopped (SIGSTOP, ^Z)" if st is not None and st.state in "tT" else None
+
+
 def _call(sandbox: str, op: str, timeout: float | None = None, **args: Any) -> Any:
+    """One request; ``timeout`` None waits as long as the daemon works on it,
+    but not for a daemon that is stopped or gone (checked every second)."""
     name = sandbox
     path = os.path.join(workdir_of(name), "control.sock")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
+    s.settimeout(timeout if timeout is not None else 1.0)
     try:
         s.connect(path)
     except TimeoutError:
         s.close()
-        raise NotAnswering(f"the daemon of sandbox {name!r} did not take the connection within {timeout} s "
-                           f"(stopped or hung): 'deltabox stop {name}' ends it") from None
+        raise NotAnswering(f"the daemon of sandbox {name!r} did not take the connection within "
+                           f"{timeout or 1.0:g} s (stopped or hung): 'deltabox stop {name}' ends it") from None
     except OSError:
         s.close()
-        raise SandboxStopped(f"no running sandbox named {name!r}: start one with "
-                             f"'deltabox run --base DIR --name {name} -- CMD'") from None
+        raise _not_running(name) from None
     with s:
         buf = b""
-        try:
-            s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-            while not buf.endswith(b"\n"):
+        s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        while not buf.endswith(b"\n"):
+            try:
                 chunk = s.recv(65536)
-                if not chunk:
-                    raise SandboxStopped(f"the daemon of sandbox {name!r} hung up")
-                buf += chunk
-        except TimeoutError:
-            raise NotAnswering(f"the daemon of sandbox {name!r} did not answer within {timeout} s "
-                               f"(stopped or hung): 'deltabox stop {name}' ends it") from None
+            except TimeoutError:
+                why = (f"did not answer within {timeout:g} s (stopped or hung)" if timeout is not None
+                       else _daemon_stopped(name))
+                if why is None:
+                    continue
+                raise NotAnswering(f"the daemon of sandbox {name!r} {why}: 'deltabox stop {name}' "
+                                   "ends it") from None
+            if not chunk:
+                raise SandboxStopped(f"the daemon of sandbox {name!r} hung up")
+            buf += chunk
     res = json.loads(buf)
     if not res["ok"]:
         cls = getattr(errors, res.get("kind", ""), DeltaBoxError)
@@ -76,6 +109,28 @@ def _running(name: str) -> bool:
         return True
     except SandboxStopped:
         return False
+
+
+@contextlib.contextmanager
+def _creating(name: str, timeout: float = 120.0) -> Iterator[None]:
+    """Hold the name's lock (``create.lock`` in its directory, which stays
+    as the stores do) while a run looks for the sandbox and creates it."""
+    os.makedirs(workdir_of(name), exist_ok=True)
+    fd = os.open(os.path.join(workdir_of(name), "create.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise NotAnswering(f"another 'deltabox run' has been creating sandbox {name!r} for "
+                                       f"{timeout:g} s; try again once it is done") from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _start(name: str, base: str) -> None:
@@ -239,14 +294,17 @@ def _run(a: argparse.Namespace) -> int:
         if a.proc is not None:
             check_name(a.proc, "process")
         created = False
-        if not _running(a.name):
-            if not a.base:
-                raise DeltaBoxError(f"sandbox {a.name!r} does not exist: give --base DIR to create it")
-            _start(a.name, a.base)
-            created = True
-        elif a.base:
-            raise NameInUse(f"a sandbox named {a.name!r} is already running; run without --base to "
-                            "start another process in it, or pick another --name")
+        with _creating(a.name):  # two runs creating the same name at once: one wins, one is told
+            if not _running(a.name):
+                if not a.base:
+                    if os.path.exists(os.path.join(workdir_of(a.name), "sandbox.json")):
+                        raise _not_running(a.name)
+                    raise DeltaBoxError(f"sandbox {a.name!r} does not exist: give --base DIR to create it")
+                _start(a.name, a.base)
+                created = True
+            elif a.base:
+                raise NameInUse(f"a sandbox named {a.name!r} is already running; run without --base to "
+                                "start another process in it, or pick another --name")
         try:
             res = _call(a.name, "spawn", argv=cmd, proc=a.proc)
         except BaseException as e:

@@ -55,6 +55,8 @@ class Host:
         self.lock = threading.Lock()
         self.sb = Sandbox(base, workdir=workdir)
         self.boot = _proc.boot_id()
+        # read once: save() must work also after the files' daemon died
+        self.fs_daemon = _proc.identity(self.sb.fs.status()["pid"])
         self.pumps: list[threading.Thread] = []
         self.done = threading.Event()
         self.save()
@@ -65,7 +67,7 @@ class Host:
         write_record(self.workdir, {
             "name": self.name, "base": self.base, "root": self.sb.root, "boot": self.boot,
             "daemon": _proc.identity(os.getpid()),
-            "fs_daemon": _proc.identity(self.sb.fs.status()["pid"]),
+            "fs_daemon": self.fs_daemon,
             "procs": {n: _proc.identity(p.pid) for n, p in self.sb.procs.items()},
             # each process's own session, made at spawn: what it starts is in it
             "sessions": sorted({p.sid for p in self.sb.procs.values()}),

@@ -449,12 +449,19 @@ class Sandbox:
         to the root, or an absolute path under it), stdin/stdout as pipes
         (stderr joins stdout), and start tracing it."""
         self._require_open()
+        if not argv:
+            raise ProcessError("nothing to start: give the command and its arguments, e.g. ['bash']")
         if name is None:
             name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(argv[0]) if argv else "proc").lstrip(".-")
-            name = f"{name[:50] or 'proc'}-{len(self.procs) + 1}"
+            stem, n = name[:50] or "proc", len(self.procs) + 1
+            while f"{stem}-{n}" in self.procs:  # a name the caller gave may look generated
+                n += 1
+            name = f"{stem}-{n}"
         check_name(name, "process")
         if name in self.procs:
-            raise NameInUse(f"a process named {name!r} already runs in this sandbox: pick another name")
+            how = ("already runs" if self.procs[name].alive else
+                   "ended, and a rollback to a state in which it ran brings it back")
+            raise NameInUse(f"a process named {name!r} {how} in this sandbox: pick another name")
         # resolved (.., symlinks): a process started outside the root works
         # on files no checkpoint holds and no rollback puts back
         root = os.path.realpath(self.root)

@@ -117,6 +117,10 @@ def test_kill_9_of_the_daemon_then_clean_stop(tmp_path: Path, name: str) -> None
         assert len(started) == 3, started
         os.kill(rec["daemon"][0], signal.SIGKILL)
         time.sleep(0.3)
+        for args in (["list", name], ["checkpoint", name], ["run", "--name", name, "--", "bash"]):
+            r = cli(*args)
+            assert r.returncode == 1 and f"'deltabox stop {name}' ends it" in r.stderr, (args, r.stderr)
+            assert "is gone" in r.stderr and "Traceback" not in r.stderr
         r = cli("stop", name)
         assert r.returncode == 0, r.stderr
         assert top_mount(rec["root"]) is None, "no mount left behind"
@@ -230,6 +234,11 @@ def test_stop_of_a_daemon_that_does_not_answer_times_out_and_cleans_up(tmp_path:
     daemon, procs = rec["daemon"][0], [p[0] for p in rec["procs"].values()]
     os.kill(daemon, signal.SIGSTOP)
     try:
+        for args in (["list", name], ["diff", name, "1"]):  # no time limit of their own: not forever
+            t0 = time.monotonic()
+            r = cli(*args)
+            assert r.returncode == 1 and "is stopped" in r.stderr and f"'deltabox stop {name}'" in r.stderr, r.stderr
+            assert time.monotonic() - t0 < 10
         t0 = time.monotonic()
         r = cli("stop", name)
         assert r.returncode == 0, r.stderr
@@ -256,3 +265,17 @@ def test_drop_forgets_a_state(tmp_path: Path, name: str) -> None:
     r = cli("drop", name, first)
     assert r.returncode == 1 and f"no state {first}" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert cli("rollback", name, second).returncode == 0
+
+
+def test_two_runs_creating_one_name_at_once_give_one_sandbox_and_a_clear_error(tmp_path: Path, name: str) -> None:
+    base = tmp_path / "repo"
+    base.mkdir()
+    cmd = [sys.executable, "-m", "deltabox.cli", "run", "--base", str(base), "--name", name, "--", "bash"]
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [(p.wait(timeout=120), *p.communicate()) for p in runs]
+    assert sorted(rc for rc, _o, _e in outs) == [0, 1], outs
+    loser = next(e for rc, _o, e in outs if rc == 1)
+    assert f"a sandbox named {name!r} is already running" in loser, loser
+    assert cli("checkpoint", name).returncode == 0  # the winner's sandbox is whole
+    rows = json.loads(cli("list", name, "--json").stdout)
+    assert [sorted(r["processes"]) for r in rows] == [["bash-1"]]

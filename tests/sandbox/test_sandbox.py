@@ -362,6 +362,10 @@ def test_a_working_directory_inside_the_sandbox_is_taken(sb: deltabox.Sandbox) -
 def test_default_process_names_are_safe(sb: deltabox.Sandbox) -> None:
     p = sb.spawn(["/bin/cat"])
     assert p.name == "cat-1"
+    sb.spawn(["cat"], name="cat-3")  # a given name that looks generated
+    assert [sb.spawn(["cat"]).name for _ in range(2)] == ["cat-4", "cat-5"]
+    with pytest.raises(deltabox.ProcessError, match="nothing to start"):
+        sb.spawn([])
 
 
 def test_input_queued_for_the_abandoned_branch_is_discarded(sb: deltabox.Sandbox) -> None:
