@@ -89,6 +89,14 @@ def already_in_session(pid: int, session: int, daemon: int) -> str:
     if session == pid:
         return (f"pid {pid} is already attached by deltacr daemon {daemon}; use it (`deltacr status {pid}`), "
                 f"or `deltacr detach {pid}` first")
+    try:
+        frozen = read_stat(pid).state == "t"  # the live process is stopped only during an operation
+    except NoSuchProcess:
+        frozen = False
+    if frozen:
+        return (f"pid {pid} is a frozen copy (a checkpoint's template or spare) held by the deltacr session "
+                f"{session} (daemon {daemon}), not a process to attach; the session is named {session} "
+                f"(`deltacr status {session}`, `deltacr list {session}`)")
     return (f"pid {pid} is the live process of the deltacr session {session} (daemon {daemon}) since a rollback; "
             f"a session keeps the pid given to attach as its name: use {session} "
             f"(`deltacr status {session}`, `deltacr detach {session}`)")
@@ -528,6 +536,9 @@ class ProcessCheckpointer:
                 if what == "exited":
                     self.state = "gone"
                     self.exit_status = status
+                    # a child of a template (restored by a rollback) stays its
+                    # zombie: reaped from inside it, as the ones we kill
+                    self._dead_children.add(self.live_pid)
                     break
         self._reap_dying()
         if not busy and self._dead_children and self._tracer_idle():
@@ -786,7 +797,8 @@ class ProcessCheckpointer:
                 n = thread_count(live)
                 if n > 1:
                     raise MultiThreaded(f"pid {live} (session {self.pid}) now has {n} threads: fork() copies "
-                                        "only the calling thread; no checkpoint taken (call resume())")
+                                        "only the calling thread; no checkpoint taken: checkpoint again once "
+                                        "it is back to one thread")
                 got["fds"] = read_fd_positions(live)
                 got["kids"] = self._own_children(live)
             except BaseException as e:  # noqa: BLE001 - raised once the fork is over

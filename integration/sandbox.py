@@ -368,8 +368,8 @@ def _exited_at_start(cmd: str, popen: subprocess.Popen[bytes],
 
 def _checkpoint_error(p: "Proc", e: BaseException) -> BaseException:
     """DeltaCR's refusal to capture ``p`` in the sandbox's terms (its own
-    advice, "call resume()", is about a call the sandbox already made: the
-    process runs again, unchanged). Anything else goes on as it is."""
+    words name DeltaCR's session, not the sandbox's process). Anything else
+    goes on as it is."""
     if not isinstance(e, deltacr.DeltaCRError):
         return e
     who = f"process {p.name!r} (pid {p.pid})"

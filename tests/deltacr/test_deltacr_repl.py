@@ -488,6 +488,27 @@ def test_replaced_processes_do_not_pile_up_as_zombies_of_templates(lab: Lab, sto
     assert cp.rollback(c1).path == "fast" and r.eval("x") == 0
 
 
+def test_restored_processes_that_exit_by_themselves_do_not_stay_zombies(lab: Lab, store: str) -> None:
+    # A restored process is a child of a template, which never waits: one
+    # that exits on its own is reaped from inside the template, like the
+    # ones DeltaCR kills (audit: 4 rollbacks + exits left 4 zombies).
+    r = lab.repl("x = 0")
+    cp = lab.checkpointer(r.pid, store)
+    c1 = cp.checkpoint("root").id
+    lives = []
+    for _ in range(3):
+        lives.append(cp.rollback(c1).pid)
+        r.send("os._exit(3)\n")
+        deadline = time.monotonic() + 5
+        while cp.status()["state"] != "gone" and time.monotonic() < deadline:
+            time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{p}") for p in lives) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [p for p in lives if os.path.exists(f"/proc/{p}")] == [], "exited processes stay zombies"
+    assert cp.rollback(c1).path == "fast" and r.eval("x") == 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_checkpoint_refused_for_threads_loses_no_written_page(lab: Lab, store: str, backend: str) -> None:
     # The refusal comes after the dirty pages were collected (the threads
