@@ -547,16 +547,7 @@ class ProcessCheckpointer:
         if now - self._last_slow > 1.0:
             self._last_slow = now
             for cid, tpid in self.pool.items():
-                try:
-                    wpid, _ = _sys.waitpid(tpid, _sys.WNOHANG)
-                except ChildProcessError:
-                    wpid = tpid
-                if wpid:
-                    with self._lock:
-                        self.pool.remove(cid)
-                    self._kill_spare(cid)
-                    self.warnings.append(f"template {tpid} of checkpoint {cid} died: that checkpoint "
-                                         "now restores through the slow path")
+                self._template_alive(cid, tpid)
             if self._reap and self._orphans:
                 for z in zombie_children(os.getpid()):
                     if z in self._orphans:
@@ -626,6 +617,23 @@ class ProcessCheckpointer:
                 self._arm(cid, sp)
             except (DeltaCRError, OSError):
                 pass  # the rollback arms tracking itself
+
+    def _template_alive(self, cid: int, tpid: int) -> bool:
+        """Is the template still there? One killed from outside (a kill or a
+        pkill that matched it: it runs the same program as the process) is
+        dropped, so that its checkpoint restores through the slow path."""
+        try:
+            wpid, _ = _sys.waitpid(tpid, _sys.WNOHANG)
+        except ChildProcessError:
+            wpid = tpid
+        if not wpid:
+            return True
+        with self._lock:
+            self.pool.remove(cid)
+        self._kill_spare(cid)
+        self.warnings.append(f"template {tpid} of checkpoint {cid} was killed from outside (a kill or pkill "
+                             "that matched it?): that checkpoint now restores through the slow path")
+        return False
 
     def _take_spare(self, cid: int) -> _Spare | None:
         """The spare of checkpoint cid, if it has a usable one: alive, and
@@ -1082,6 +1090,8 @@ class ProcessCheckpointer:
             with self._lock:
                 ck = self.session.get(cid)
                 tpl = self.pool.pid(cid)
+            if tpl is not None and not self._template_alive(cid, tpl):
+                tpl = None
             old = self.live_pid if self.state in ("running", "stopped") else None
             if old is not None and self.state == "running":
                 try:
@@ -1132,10 +1142,12 @@ class ProcessCheckpointer:
                 path = "slow"
                 chain = self.session.ancestors(cid)
                 with self._lock:
-                    base_id = next((c for c in chain if c in self.pool), None)
+                    held = [(c, self.pool.pid(c)) for c in chain if c in self.pool]
+                base_id = next((c for c, t in held if t is not None and self._template_alive(c, t)), None)
                 if base_id is None:
-                    raise RestoreFailed(f"pid {self.pid}: checkpoint {cid} has no ancestor with a template "
-                                        "left (the root template died?): it cannot be restored")
+                    raise RestoreFailed(f"pid {self.pid}: checkpoint {cid} cannot be restored: no frozen copy "
+                                        "of it or of an ancestor is left (killed from outside? a kill or "
+                                        "pkill that matches the program matches them too)")
                 todo = list(reversed(chain[:chain.index(base_id)]))
                 deltas: list[tuple[str, DeltaInfo]] = []
                 for c in todo:

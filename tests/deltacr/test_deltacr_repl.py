@@ -488,6 +488,25 @@ def test_replaced_processes_do_not_pile_up_as_zombies_of_templates(lab: Lab, sto
     assert cp.rollback(c1).path == "fast" and r.eval("x") == 0
 
 
+def test_templates_killed_from_outside_fall_back_to_the_slow_path_then_fail_clearly(lab: Lab, store: str) -> None:
+    # A pkill that matches the program matches the frozen copies too
+    from deltacr import RestoreFailed
+    r = lab.repl("x = 1")
+    cp = lab.checkpointer(r.pid, store, spares=False)
+    c1 = cp.checkpoint("one").id
+    r.run("x = 2")
+    c2 = cp.checkpoint("two").id
+    r.run("x = 3")
+    cp.wait_background()
+    os.kill(cp.template_pid(c2), signal.SIGKILL)
+    res = cp.rollback(c2)
+    assert res.path == "slow" and r.eval("x") == 2
+    assert any("killed from outside" in w for w in cp.warnings)
+    os.kill(cp.template_pid(c1), signal.SIGKILL)
+    with pytest.raises(RestoreFailed, match="no frozen copy of it or of an ancestor is left"):
+        cp.rollback(c1)
+
+
 def test_restored_processes_that_exit_by_themselves_do_not_stay_zombies(lab: Lab, store: str) -> None:
     # A restored process is a child of a template, which never waits: one
     # that exits on its own is reaped from inside the template, like the
