@@ -1125,7 +1125,14 @@ class ProcessCheckpointer:
                     new, depth = tpl, ck.depth
                 else:
                     self._used.add(cid)  # the template gets a child now, whatever happens next
-                    new = ready.pid if ready is not None else inject.fork(tpl, regs, addr)
+                    try:
+                        new = ready.pid if ready is not None else inject.fork(tpl, regs, addr)
+                    except ProcessLookupError:  # killed from outside just now: the next try takes the slow path
+                        self._template_alive(cid, tpl)
+                        raise RestoreFailed(f"pid {self.pid}: the frozen copy of checkpoint {cid} (pid {tpl}) "
+                                            "was killed from outside just now (a kill or pkill that matched "
+                                            "it?); nothing changed: roll back again to restore it from an "
+                                            "older copy") from None
                     depth = ck.depth + 1
                 inject.set_options(new, LIVE_OPTIONS)
                 run = self._run_in(new, regs, addr)

@@ -498,13 +498,21 @@ def test_templates_killed_from_outside_fall_back_to_the_slow_path_then_fail_clea
     c2 = cp.checkpoint("two").id
     r.run("x = 3")
     cp.wait_background()
-    os.kill(cp.template_pid(c2), signal.SIGKILL)
+    _kill_and_wait(cp.template_pid(c2))
     res = cp.rollback(c2)
     assert res.path == "slow" and r.eval("x") == 2
     assert any("killed from outside" in w for w in cp.warnings)
-    os.kill(cp.template_pid(c1), signal.SIGKILL)
+    _kill_and_wait(cp.template_pid(c1))
     with pytest.raises(RestoreFailed, match="no frozen copy of it or of an ancestor is left"):
         cp.rollback(c1)
+
+
+def _kill_and_wait(pid: int | None) -> None:
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while read_stat(pid).state != "Z" and time.monotonic() < deadline:  # our tracee: a zombie until we wait
+        time.sleep(0.01)
 
 
 def test_restored_processes_that_exit_by_themselves_do_not_stay_zombies(lab: Lab, store: str) -> None:
