@@ -1131,7 +1131,7 @@ class ProcessCheckpointer:
                         self._template_alive(cid, tpl)
                         raise RestoreFailed(f"pid {self.pid}: the frozen copy of checkpoint {cid} (pid {tpl}) "
                                             "was killed from outside just now (a kill or pkill that matched "
-                                            "it?); nothing changed: roll back again to restore it from an "
+                                            "it?): roll back again, the next rollback restores it from an "
                                             "older copy") from None
                     depth = ck.depth + 1
                 inject.set_options(new, LIVE_OPTIONS)
