@@ -148,7 +148,7 @@ class PfnTracker(_NothingToPrepare):
 PAGEMAP_IDENTITY = ((1 << 55) - 1) | (1 << 61) | (1 << 62) | (1 << 63)
 
 
-_PRESENT, _FILE = 1 << 63, 1 << 61
+_HELD, _FILE = (1 << 63) | (1 << 62), 1 << 61  # present or swapped; file page (or shared)
 
 
 def _file_page_now(a: int, b: int) -> bool:
@@ -156,9 +156,9 @@ def _file_page_now(a: int, b: int) -> bool:
     read, never written) where A had no private page: its content is the
     file's, not the process's. The fast path shows the file as it is; a
     delta holding the page would bring back the file as it was (a file
-    changed since showed stale). A private page dropped back to the file
-    (MADV_DONTNEED) still counts as changed."""
-    return bool(b & _FILE) and not (a & _PRESENT and not a & _FILE)
+    changed since showed stale). A private page of A, resident or swapped
+    out, dropped back to the file (MADV_DONTNEED) still counts as changed."""
+    return bool(b & _FILE) and not (a & _HELD and not a & _FILE)
 
 
 def pfn_changed(pid_a: int, pid_b: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

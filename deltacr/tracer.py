@@ -90,13 +90,15 @@ def already_in_session(pid: int, session: int, daemon: int) -> str:
         return (f"pid {pid} is already attached by deltacr daemon {daemon}; use it (`deltacr status {pid}`), "
                 f"or `deltacr detach {pid}` first")
     try:
-        frozen = read_stat(pid).state == "t"  # the live process is stopped only during an operation
+        # the daemon's live process is stopped only during an operation
+        # (a Python caller may keep it stopped: then this says "frozen" too)
+        frozen = read_stat(pid).state == "t"
     except NoSuchProcess:
         frozen = False
     if frozen:
-        return (f"pid {pid} is a frozen copy (a checkpoint's template or spare) held by the deltacr session "
-                f"{session} (daemon {daemon}), not a process to attach; the session is named {session} "
-                f"(`deltacr status {session}`, `deltacr list {session}`)")
+        return (f"pid {pid} is stopped and traced by the deltacr session {session} (daemon {daemon}): a "
+                f"frozen copy (a checkpoint's template or spare), not a process to attach; the session is "
+                f"named {session} (`deltacr status {session}`, `deltacr list {session}`)")
     return (f"pid {pid} is the live process of the deltacr session {session} (daemon {daemon}) since a rollback; "
             f"a session keeps the pid given to attach as its name: use {session} "
             f"(`deltacr status {session}`, `deltacr detach {session}`)")

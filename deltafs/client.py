@@ -276,7 +276,7 @@ def _reap_if_ours(pid: int) -> None:
     try:
         with open(f"/proc/{pid}/stat") as f:
             ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-    except (FileNotFoundError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError):  # gone, or reaped as we read
         return
     if ppid != os.getpid():
         return

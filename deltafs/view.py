@@ -741,7 +741,7 @@ class View:
         if od.epoch == self.epoch:
             return
         if od.orphan and od.ino in self.orphans:
-            od.epoch, od.owner = self.epoch, 0  # in no state (see rollback): the same content
+            od.epoch = self.epoch  # in no state (see rollback): the same content
             return
         rec = self.getattr(od.ino)  # ESTALE if it does not exist in this state
         fd, owner, blob = self._source(rec)
@@ -943,7 +943,10 @@ class View:
         self.clear_caches()
         self.epoch += 1
         for od in self.files.values():
-            od.owner = 0
+            # an unlinked file's own copy (its blob was deleted at the unlink:
+            # only this descriptor holds it) stays writable in place
+            private = od.orphan and od.ino in self.orphans and od.owner == old.id
+            od.owner = new.id if private else 0
         return sorted(changed)
 
     def drop(self, cid: int) -> None:
@@ -990,9 +993,10 @@ class View:
         # an unlinked file may still be open without its content opened here
         # yet (the kernel opens files itself), also one a rollback discarded
         # the layer of: keep its blob for it; owned by no layer, the next
-        # mount's sweep deletes it
-        open_blobs = {rec.blob for rec in self.orphans.values()}
-        return [b for b in garbage if b not in open_blobs]
+        # mount's sweep deletes it. One whose content is open needs no file.
+        unopened = {rec.blob for ino, rec in self.orphans.items()
+                    if (od := self.files.get(ino)) is None or od.fd < 0}
+        return [b for b in garbage if b not in unopened]
 
     def _shown_parent(self, lid: int) -> int | None:
         p = self.idx.layers[lid].parent

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 PREFIX = "deltabox-"
@@ -78,38 +79,73 @@ class Group:
                 continue
             except OSError:
                 return None  # read-only, not permitted, too deep: go by sessions
-            return cls(path)
+            group = cls(path)
+            # Made is not joinable (a threaded parent, a delegation without
+            # write access above): a process joins it once, or sessions it is.
+            probe = subprocess.run(["/bin/sh", "-c", JOIN_ONLY, group.procs], capture_output=True, check=False)
+            if probe.returncode != 0:
+                group.remove()
+                return None
+            return group
         return None
 
     def held(self, pid: int) -> bool:
-        """Was ``pid`` in this cgroup? A zombie, not listed as a member any
-        more, still names it in /proc (with " (deleted)" once it is gone)."""
+        """Was ``pid`` in this cgroup (or one below it)? A zombie, not listed
+        as a member any more, still names it in /proc (with " (deleted)"
+        once it is gone)."""
         try:
             with open(f"/proc/{pid}/cgroup") as f:
                 path = next((ln.strip()[3:] for ln in f if ln.startswith("0::")), "")
         except OSError:
             return False
-        return os.path.basename(path.removesuffix(" (deleted)")) == os.path.basename(self.path)
+        return os.path.basename(self.path) in path.removesuffix(" (deleted)").split("/")
+
+    def _dirs(self) -> list[str]:
+        """This cgroup and those made below it (a sandbox inside the
+        sandbox), deepest first."""
+        out: list[str] = []
+        todo = [self.path]
+        while todo:
+            d = todo.pop()
+            out.append(d)
+            try:
+                todo += [e.path for e in os.scandir(d) if e.is_dir(follow_symlinks=False)]
+            except FileNotFoundError:
+                pass
+        return out[::-1]
 
     def members(self) -> set[int]:
-        try:
-            with open(self.procs) as f:
-                return {int(x) for x in f.read().split()}
-        except FileNotFoundError:
-            return set()
+        out: set[int] = set()
+        for d in self._dirs():
+            try:
+                with open(os.path.join(d, "cgroup.procs")) as f:
+                    out |= {int(x) for x in f.read().split()}
+            except FileNotFoundError:
+                pass
+        return out
 
     def kill(self, timeout: float = 5.0) -> bool:
-        """SIGKILL every member and wait until none is left; True if so."""
-        try:
-            with open(os.path.join(self.path, "cgroup.kill"), "w") as f:
-                f.write("1")
-        except FileNotFoundError:
-            return True
-        except OSError:  # before Linux 5.14: one by one, in rounds (a member may fork)
-            pass
+        """SIGKILL every member and wait until none is left; True if so.
+        This process, if it is one (`deltabox stop` typed in the sandbox),
+        first moves out, to the cgroup above."""
+        me = os.getpid()
+        if me in self.members():
+            try:
+                with open(os.path.join(os.path.dirname(self.path), "cgroup.procs"), "w") as f:
+                    f.write(str(me))
+            except OSError:
+                pass  # then one by one, sparing this process
+        if me not in self.members():
+            try:
+                with open(os.path.join(self.path, "cgroup.kill"), "w") as f:
+                    f.write("1")  # the cgroups below too
+            except FileNotFoundError:
+                return True
+            except OSError:  # before Linux 5.14: one by one, in rounds (a member may fork)
+                pass
         deadline = time.monotonic() + timeout
         while True:
-            left = self.members()
+            left = self.members() - {me}
             if not left:
                 return True
             if time.monotonic() > deadline:
@@ -122,15 +158,26 @@ class Group:
             time.sleep(0.005)
 
     def remove(self) -> bool:
-        """Kill what is left and delete the cgroup; True if it is gone."""
+        """Kill what is left and delete the cgroup (and those below it);
+        True if it is gone."""
         if not self.kill():
             return False
-        for _ in range(200):  # a member that just died may still be leaving it
-            try:
-                os.rmdir(self.path)
-                return True
-            except FileNotFoundError:
-                return True
-            except OSError:
-                time.sleep(0.005)
-        return False
+        for d in self._dirs():
+            for _ in range(200):  # a member that just died may still be leaving it
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.005)
+            else:
+                return False
+        return True
+
+
+# Run by /bin/sh in a new process: join the cgroup whose cgroup.procs is $0
+# (the spawn wrapper then becomes the program: same pid, born in the cgroup,
+# and so is all it starts).
+JOIN_ONLY = 'echo 0 > "$0"'
+JOIN = JOIN_ONLY + ' || exit 126; exec "$@"'

@@ -144,8 +144,8 @@ def untraced_members(members: set[int], exclude: set[int] = frozenset(),  # type
     """``untraced_descendants`` for a sandbox whose processes are in a
     cgroup of their own (``_cgroup``): its ``members`` but those in
     ``exclude``, the zombies and the ones this process traces. ``known``
-    as there; the kernel lists no dead pid in a cgroup, so a cached pid
-    not listed any more is dropped before it could be reused."""
+    as there (a cached pid no longer listed is dropped at the next call;
+    one reused in between by a new member is missed, as there)."""
     mine = _our_threads()
     known = set() if known is None else known
     known &= members

@@ -55,7 +55,9 @@ def _daemon_stopped(name: str) -> str | None:
     try:
         with open(os.path.join(workdir_of(name), "sandbox.json")) as f:
             rec = json.load(f)
-        ident = rec.get("daemon") if isinstance(rec, dict) else None
+        if not isinstance(rec, dict):
+            return None
+        ident = rec.get("daemon")
         if not _proc.is_same(ident, rec.get("boot", ""), _proc.boot_id()):
             return "is gone"
         st = _proc.stat(int(ident[0]))
@@ -294,7 +296,8 @@ def _run(a: argparse.Namespace) -> int:
         if a.proc is not None:
             check_name(a.proc, "process")
         created = False
-        with _creating(a.name):  # two runs creating the same name at once: one wins, one is told
+        # two runs creating the same name at once: one wins, one is told
+        with _creating(a.name) if a.base else contextlib.nullcontext():
             if not _running(a.name):
                 if not a.base:
                     if os.path.exists(os.path.join(workdir_of(a.name), "sandbox.json")):

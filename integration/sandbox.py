@@ -145,11 +145,6 @@ def read_until(fd: int, buf: bytes, marker: bytes | str, timeout: float,
     return buf[:i], buf[i:]
 
 
-# Run by /bin/sh in the new process: join the sandbox's cgroup ($0), then
-# become the program (same pid). Born in the cgroup, so is all it starts.
-_JOIN = 'echo 0 > "$0" || exit 126; exec "$@"'
-
-
 def _check_program(argv: list[str], cwd: str, env: dict[str, str] | None) -> None:
     """Raise what exec would (FileNotFoundError, PermissionError) for a
     program that cannot start: behind the cgroup's /bin/sh the error would
@@ -232,6 +227,9 @@ class Proc:
         self._stdin_reader = stdin_reader
         self._buf = b""
         self.sid = popen.pid  # start_new_session: its own session, which its children share
+        # does anything the sandbox's processes started still run (and may
+        # hold the output pipe, as a server a launcher left behind)?
+        self._others: Callable[[], bool] = lambda: False
 
     @property
     def pid(self) -> int | None:
@@ -257,7 +255,7 @@ class Proc:
     def expect(self, marker: bytes | str, timeout: float = 30.0) -> bytes:
         """Read the output up to and including ``marker``; returns it."""
         out, self._buf = read_until(self.stdout.fileno(), self._buf, marker, timeout, self.name,
-                                    lambda: self.alive)
+                                    lambda: self.alive or self._others())
         return out
 
     def _drain(self) -> None:
@@ -476,7 +474,7 @@ class Sandbox:
             reader = os.open(f"/proc/self/fd/{r}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             run = list(argv)
             if self._group is not None:
-                run = ["/bin/sh", "-c", _JOIN, self._group.procs, *argv]
+                run = ["/bin/sh", "-c", _cgroup.JOIN, self._group.procs, *argv]
             try:
                 if self._group is not None:
                     _check_program(argv, where, env)
@@ -484,7 +482,7 @@ class Sandbox:
                                          stderr=subprocess.STDOUT, cwd=where,
                                          env=env, start_new_session=True)
                 if self._group is not None:
-                    _wait_exec(popen, b"\0".join(x.encode() for x in run) + b"\0")
+                    _wait_exec(popen, b"\0".join(os.fsencode(x) for x in run) + b"\0")
             except OSError as e:
                 raise ProcessError(f"cannot start {cmd} in the sandbox: {e.strerror}"
                                    f"{f' ({e.filename})' if e.filename else ''}: check the command "
@@ -513,6 +511,7 @@ class Sandbox:
             shutil.rmtree(store, ignore_errors=True)  # the name is free again
             raise err
         proc = Proc(name, list(argv), popen, cr, os.fdopen(w, "wb"), reader)
+        proc._others = self._started_something
         self.procs[name] = proc
         return proc
 
@@ -601,15 +600,21 @@ class Sandbox:
     def _sessions(self) -> set[int]:
         return {p.sid for p in self.procs.values()}
 
-    def _descendants(self) -> list[_proc.Stat]:
+    def _descendants(self, known: set[int] | None = None) -> list[_proc.Stat]:
         """Every process the sandbox's processes started (and theirs, also
         orphans adopted by this process, a subreaper, and those that left
         the session: in the sandbox's cgroup where it has one), not
         DeltaCR's."""
         live = {p._cr.live_pid for p in self.procs.values() if p.alive and p._cr.live_pid}
+        known = self._deltacr_pids if known is None else known
         if self._group is not None:
-            return _proc.untraced_members(self._group.members(), live, self._deltacr_pids)
-        return _proc.untraced_descendants([*live, os.getpid()], self._sessions(), live, self._deltacr_pids)
+            return _proc.untraced_members(self._group.members(), live, known)
+        return _proc.untraced_descendants([*live, os.getpid()], self._sessions(), live, known)
+
+    def _started_something(self) -> bool:
+        """Does anything the processes started still run? (For ``expect`` on
+        any thread: works on a copy of the shared cache.)"""
+        return bool(self._descendants(set(self._deltacr_pids)))
 
     def _members(self) -> list[_proc.Stat]:
         """Every process of the sandbox now: its processes, DeltaCR's frozen

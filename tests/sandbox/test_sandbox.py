@@ -619,6 +619,45 @@ def test_expect_reports_silence_and_an_ended_process_as_sandbox_errors(sb: delta
     assert time.monotonic() - t0 < 5
 
 
+def test_expect_waits_for_what_an_ended_process_left_running(sb: deltabox.Sandbox) -> None:
+    # a launcher that exits and leaves a server that prints "ready" later
+    sh, _py = start_shells(sb)
+    sb.checkpoint()  # a frozen fork of bash holds the pipe from now on
+    sh.send("(sleep 0.5; echo ready) & exit\n")
+    assert sh.expect("ready", timeout=10).endswith(b"ready")
+    with pytest.raises(deltabox.OutputClosed):  # and once that is gone too, the end is known
+        sh.expect("never-printed", timeout=10)
+
+
+def test_a_cgroup_made_inside_the_sandbox_is_ended_and_removed(base: Path, tmp_path: Path) -> None:
+    sb = deltabox.Sandbox(str(base), workdir=str(tmp_path / "w"))
+    try:
+        if sb.cgroup is None:
+            pytest.skip("no writable cgroup2 here: the session fallback is tested on its own")
+        sh = sb.spawn(["bash"], name="sh")
+        s1 = sb.checkpoint().id
+        sub = os.path.join(sb.cgroup, "inner")
+        ask(sh, f"mkdir {sub} && {{ sh -c 'echo 0 > {sub}/cgroup.procs; exec sleep 311' & }}")
+        deadline = time.monotonic() + 5
+        while not _cmd_is(b"sleep\x00311\x00") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _cmd_is(b"sleep\x00311\x00")
+        sb.rollback(s1)  # what the shell started is in no state, also in a cgroup of its own
+        deadline = time.monotonic() + 5
+        while _cmd_is(b"sleep\x00311\x00") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _cmd_is(b"sleep\x00311\x00") == []
+        ask(sh, f"{{ sh -c 'echo 0 > {sub}/cgroup.procs; exec sleep 312' & }}")
+        cg = sb.cgroup
+    finally:
+        sb.close()  # raised when the cgroup could not be removed
+    assert not os.path.exists(cg) and _cmd_is(b"sleep\x00312\x00") == []
+
+
+def _cmd_is(cmdline: bytes) -> list[str]:
+    return [pid for pid in filter(str.isdigit, os.listdir("/proc")) if _cmdline(pid) == cmdline]
+
+
 def _state(pid: int | None) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
