@@ -25,6 +25,12 @@ import time
 
 PREFIX = "deltabox-"
 
+# Run by /bin/sh in a new process: join the cgroup whose cgroup.procs is $0
+# (the spawn wrapper then becomes the program: same pid, born in the cgroup,
+# and so is all it starts).
+JOIN_ONLY = 'echo 0 > "$0"'
+JOIN = JOIN_ONLY + ' || exit 126; exec "$@"'
+
 
 def _mine() -> str | None:
     """The directory of this process's cgroup in a cgroup2 mount, if any."""
@@ -175,9 +181,3 @@ class Group:
                 return False
         return True
 
-
-# Run by /bin/sh in a new process: join the cgroup whose cgroup.procs is $0
-# (the spawn wrapper then becomes the program: same pid, born in the cgroup,
-# and so is all it starts).
-JOIN_ONLY = 'echo 0 > "$0"'
-JOIN = JOIN_ONLY + ' || exit 126; exec "$@"'

@@ -39,6 +39,17 @@ deltabox demo [--branches N] [--depth N]"""
 ANSWER_S = 5.0
 
 
+def _read_record(name: str) -> dict[str, Any] | None:
+    """The daemon's ``sandbox.json``: None if there is none (or it cannot be
+    parsed), {} if it holds no object."""
+    try:
+        with open(os.path.join(workdir_of(name), "sandbox.json")) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else {}
+
+
 def _not_running(name: str) -> SandboxStopped:
     if os.path.exists(os.path.join(workdir_of(name), "sandbox.json")):
         # its record stays when the daemon was killed: so may its processes and mount
@@ -52,17 +63,13 @@ def _not_running(name: str) -> SandboxStopped:
 def _daemon_stopped(name: str) -> str | None:
     """Why the daemon cannot answer, if it is stopped (SIGSTOP) or gone;
     None while it runs (a long operation, a slow-path rollback)."""
-    try:
-        with open(os.path.join(workdir_of(name), "sandbox.json")) as f:
-            rec = json.load(f)
-        if not isinstance(rec, dict):
-            return None
-        ident = rec.get("daemon")
-        if not _proc.is_same(ident, rec.get("boot", ""), _proc.boot_id()):
-            return "is gone"
-        st = _proc.stat(int(ident[0]))
-    except (OSError, ValueError, TypeError):
+    rec = _read_record(name)
+    if not rec:
         return None
+    ident = rec.get("daemon")
+    if not _proc.is_same(ident, rec.get("boot", ""), _proc.boot_id()):
+        return "is gone"
+    st = _proc.stat(int(ident[0]))  # type: ignore[index]  # is_same checked its shape
     return "is stopped (SIGSTOP, ^Z)" if st is not None and st.state in "tT" else None
 
 
@@ -163,13 +170,9 @@ def _stop_dead(name: str) -> None:
     it is killed only if it still names the same process, same boot and
     same start time (see ``_proc``); a record without those names none."""
     workdir = workdir_of(name)
-    try:
-        with open(os.path.join(workdir, "sandbox.json")) as f:
-            rec = json.load(f)
-    except (FileNotFoundError, ValueError):
+    rec = _read_record(name)
+    if rec is None:
         return
-    if not isinstance(rec, dict):
-        rec = {}
     now = _proc.boot_id()
     procs = rec.get("procs")
     made = rec.get("sessions")

@@ -59,9 +59,7 @@ import deltacr
 import deltafs
 from deltafs.mounts import canonical, is_dead, top_mount
 
-from . import _cgroup
-
-from . import _proc
+from . import _cgroup, _proc
 from .errors import (BadName, DeltaBoxError, FilesUnavailable, NameInUse, NoAnswer, OutputClosed, OutsideSandbox,
                      ProcessError, RollbackFailed, SandboxStopped, UnknownState)
 
@@ -149,11 +147,11 @@ def _check_program(argv: list[str], cwd: str, env: dict[str, str] | None) -> Non
     """Raise what exec would (FileNotFoundError, PermissionError) for a
     program that cannot start: behind the cgroup's /bin/sh the error would
     otherwise be that shell's exit status."""
-    prog = argv[0] if argv else ""
+    prog = argv[0]
     if "/" in prog:
         path: str | None = os.path.join(cwd, prog)
     else:
-        path = shutil.which(prog, path=os.pathsep.join(os.get_exec_path(env))) if prog else None
+        path = shutil.which(prog, path=os.pathsep.join(os.get_exec_path(env)))
     if path is None or not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), prog)
     if os.path.isdir(path) or not os.access(path, os.X_OK):
@@ -213,7 +211,8 @@ class Proc:
     rollbacks; ``pid`` follows the live process (a rollback gives a new one)."""
 
     def __init__(self, name: str, argv: list[str], popen: subprocess.Popen[bytes],
-                 cr: deltacr.ProcessCheckpointer, stdin: IO[bytes], stdin_reader: int) -> None:
+                 cr: deltacr.ProcessCheckpointer, stdin: IO[bytes], stdin_reader: int,
+                 others: Callable[[], bool] = lambda: False) -> None:
         self.name = name
         self.argv = argv
         self._popen = popen
@@ -229,7 +228,7 @@ class Proc:
         self.sid = popen.pid  # start_new_session: its own session, which its children share
         # does anything the sandbox's processes started still run (and may
         # hold the output pipe, as a server a launcher left behind)?
-        self._others: Callable[[], bool] = lambda: False
+        self._others = others
 
     @property
     def pid(self) -> int | None:
@@ -450,7 +449,7 @@ class Sandbox:
         if not argv:
             raise ProcessError("nothing to start: give the command and its arguments, e.g. ['bash']")
         if name is None:
-            name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(argv[0]) if argv else "proc").lstrip(".-")
+            name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(argv[0])).lstrip(".-")
             stem, n = name[:50] or "proc", len(self.procs) + 1
             while f"{stem}-{n}" in self.procs:  # a name the caller gave may look generated
                 n += 1
@@ -472,9 +471,8 @@ class Sandbox:
         reader = -1
         try:
             reader = os.open(f"/proc/self/fd/{r}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            run = list(argv)
-            if self._group is not None:
-                run = ["/bin/sh", "-c", _cgroup.JOIN, self._group.procs, *argv]
+            # through the cgroup's /bin/sh, which becomes the program
+            run = list(argv) if self._group is None else ["/bin/sh", "-c", _cgroup.JOIN, self._group.procs, *argv]
             try:
                 if self._group is not None:
                     _check_program(argv, where, env)
@@ -510,8 +508,7 @@ class Sandbox:
             popen.stdout.close()
             shutil.rmtree(store, ignore_errors=True)  # the name is free again
             raise err
-        proc = Proc(name, list(argv), popen, cr, os.fdopen(w, "wb"), reader)
-        proc._others = self._started_something
+        proc = Proc(name, list(argv), popen, cr, os.fdopen(w, "wb"), reader, self._started_something)
         self.procs[name] = proc
         return proc
 

@@ -305,17 +305,26 @@ def test_process_names_that_could_escape_are_refused(sb: deltabox.Sandbox, bad: 
     assert sorted(os.listdir(sb.store)) == ["fs"], "nothing was created for it"
 
 
+def _stats() -> Iterator[tuple[str, list[str]]]:
+    """(pid, the fields of /proc/PID/stat after the command: state, ppid,
+    pgrp, session, ...) of every process, zombies too."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            yield pid, Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+
+
 def _children() -> dict[int, str]:
     """This process's children, zombies too: pid -> state and command line."""
     me = str(os.getpid())
     out = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            if fields[1] == me:
+    for pid, fields in _stats():
+        if fields[1] == me:
+            try:
                 out[int(pid)] = f"{fields[0]} {Path(f'/proc/{pid}/cmdline').read_bytes()!r}"
-        except OSError:
-            continue
+            except OSError:
+                continue
     return out
 
 
@@ -402,14 +411,14 @@ def test_a_failed_rollback_leaves_processes_started_after_the_state_running(sb: 
 
 def _session_members(sb: deltabox.Sandbox) -> list[str]:
     """What runs in the sandbox's sessions besides DeltaCR's stopped processes."""
+    sids = {p.sid for p in sb.procs.values()}
     out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) in {p.sid for p in sb.procs.values()} and fields[0] not in "tZ":
-            out.append(f"{pid} {Path(f'/proc/{pid}/comm').read_text().strip()}")
+    for pid, fields in _stats():
+        if int(fields[3]) in sids and fields[0] not in "tZ":
+            try:
+                out.append(f"{pid} {Path(f'/proc/{pid}/comm').read_text().strip()}")
+            except OSError:
+                continue
     return out
 
 
@@ -458,19 +467,12 @@ def test_without_a_cgroup_a_rollback_and_close_end_what_the_processes_started(
         sids = {p.sid for p in sb.procs.values()}
     finally:
         sb.close()
-    assert [m for m in _members_of(sids)] == [], "close() left processes of the sandbox behind"
+    assert _members_of(sids) == [], "close() left processes of the sandbox behind"
 
 
 def _members_of(sids: set[int]) -> list[str]:
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) in sids:
-            out.append(pid)
-    return out
+    """Every process (zombies too) in one of the sessions ``sids``."""
+    return [pid for pid, fields in _stats() if int(fields[3]) in sids]
 
 
 @pytest.mark.parametrize("backend", ["pfn", "uffd-wp"])
@@ -503,16 +505,8 @@ def _cmdline(pid: str) -> bytes:
         return b""
 
 
-def _zombie_children() -> list[str]:
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] == "Z" and int(fields[1]) == os.getpid():
-            out.append(pid)
-    return out
+def _zombie_children() -> list[int]:
+    return [pid for pid, what in _children().items() if what.startswith("Z ")]
 
 
 def test_closed_sandboxes_leave_no_zombies_in_their_caller(base: Path, tmp_path: Path) -> None:
@@ -551,10 +545,7 @@ def test_close_ends_what_the_processes_started(base: Path, tmp_path: Path) -> No
         assert _daemons(), "the setsid'd sleep did not start"
     finally:
         sb.close()
-    left = [pid for pid in filter(str.isdigit, os.listdir("/proc"))
-            if os.path.exists(f"/proc/{pid}/stat")
-            and int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3]) in sids]
-    assert left == [], "close() left processes of the sandbox (or their zombies) behind"
+    assert _members_of(sids) == [], "close() left processes of the sandbox (or their zombies) behind"
     assert _daemons() == [], "close() left a process that left its session (setsid) behind"
     assert not os.path.exists(sb.cgroup or "/nonexistent"), "the sandbox's cgroup stays"
     del sh
